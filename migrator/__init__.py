@@ -1,0 +1,1 @@
+"""tidegate's online schema-change migrator (never imports ``proxy``)."""

@@ -1,0 +1,1 @@
+"""tidegate's MySQL sidecar proxy."""

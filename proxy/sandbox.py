@@ -1,0 +1,356 @@
+"""Throwaway MariaDB instances for tests, the demo and benchmarks.
+
+Each instance gets its own temporary datadir, a free loopback port and a unix
+socket, and is stopped by pid.  It never touches a server that may already run
+on 3306.  The primary is configured the way the migrator needs it (ROW binlog,
+FULL image, FULL row metadata, GTIDs); a replica replicates from it by GTID.
+
+Blocking code on purpose: it runs before trio starts (pytest session fixtures,
+the ``demo`` command, benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pymysql
+
+SERVER_BINARIES = ("mariadbd", "mariadb-install-db")
+SEARCH_PATH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
+
+PRIMARY_OPTIONS = (
+    "--log-bin=mariadb-bin",
+    "--binlog-format=ROW",
+    "--binlog-row-image=FULL",
+    "--binlog-row-metadata=FULL",
+    "--log-slave-updates=1",
+    "--gtid-strict-mode=1",
+)
+
+
+class SandboxError(RuntimeError):
+    """The throwaway server could not be installed, started or stopped."""
+
+
+def find_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in SEARCH_PATH:
+        candidate = Path(directory) / name
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def ensure_installed() -> None:
+    """Make sure mariadbd is there; install it with apt when we are root."""
+    if all(find_binary(name) for name in SERVER_BINARIES):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "mariadb-server", "mariadb-client"],
+            check=True,
+            env=env,
+        )
+        # The Debian package starts a service on 3306; we leave it alone.
+        if all(find_binary(name) for name in SERVER_BINARIES):
+            return
+    raise SandboxError(
+        "mariadbd / mariadb-install-db not found. Install MariaDB 10.11+: "
+        "`apt-get install -y mariadb-server` (Debian/Ubuntu) and run again."
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Instance:
+    """One running mariadbd."""
+
+    name: str
+    port: int
+    directory: Path
+    server_id: int
+    process: subprocess.Popen[bytes] | None = None
+    role: str = "primary"
+    user: str = "root"
+    password: str = "root"
+
+    @property
+    def datadir(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.directory / "mysqld.sock")
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "error.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def dsn(self, database: str = "", user: str | None = None, password: str | None = None) -> str:
+        user = user or self.user
+        password = self.password if password is None else password
+        return f"mysql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def connect(self, **kwargs: Any) -> pymysql.connections.Connection[Any]:
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "autocommit": True,
+            "charset": "utf8mb4",
+            "connect_timeout": 5,
+        }
+        options.update(kwargs)
+        return pymysql.connect(**options)
+
+    def execute(self, *statements: str) -> list[tuple[Any, ...]]:
+        """Run statements on a fresh connection; return the last result's rows."""
+        connection = self.connect()
+        try:
+            rows: list[tuple[Any, ...]] = []
+            with connection.cursor() as cursor:
+                for statement in statements:
+                    cursor.execute(statement)
+                    rows = list(cursor.fetchall())
+            return rows
+        finally:
+            connection.close()
+
+    def tail_log(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no error log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+@dataclass
+class Sandbox:
+    """A directory holding one primary and optional replicas."""
+
+    base: Path | None = None
+    instances: list[Instance] = field(default_factory=list)
+    keep: bool = False
+    _owns_base: bool = False
+    _template: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            self.base = Path(tempfile.mkdtemp(prefix="tidegate-db-"))
+            self._owns_base = True
+        self.base.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def _initialized_template(self) -> Path:
+        """mariadb-install-db once per sandbox; instances copy the result."""
+        if self._template is not None:
+            return self._template
+        assert self.base is not None
+        template = self.base / "template"
+        if template.exists():
+            shutil.rmtree(template)
+        command = [
+            find_binary("mariadb-install-db") or "mariadb-install-db",
+            "--no-defaults",
+            f"--datadir={template}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ]
+        if os.geteuid() == 0:
+            command.append("--user=root")
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SandboxError(f"mariadb-install-db failed:\n{result.stdout}\n{result.stderr}")
+        self._template = template
+        return template
+
+    def _spawn(self, name: str, server_id: int, options: tuple[str, ...], role: str) -> Instance:
+        assert self.base is not None
+        directory = self.base / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        shutil.copytree(self._initialized_template(), directory / "data")
+        instance = Instance(name, free_port(), directory, server_id, role=role)
+        command = [
+            find_binary("mariadbd") or "mariadbd",
+            "--no-defaults",
+            f"--datadir={instance.datadir}",
+            f"--port={instance.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={instance.socket_path}",
+            f"--pid-file={directory / 'mariadbd.pid'}",
+            f"--log-error={instance.log_path}",
+            f"--server-id={server_id}",
+            "--skip-name-resolve",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_general_ci",
+            "--innodb-buffer-pool-size=256M",
+            "--innodb-log-file-size=256M",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--sync-binlog=0",
+            "--max-connections=1000",
+            "--max-allowed-packet=256M",
+            "--local-infile=1",
+            "--performance-schema=ON",
+            "--lock-wait-timeout=60",
+            *options,
+        ]
+        if os.geteuid() == 0:
+            command.append("--user=root")
+        log = open(directory / "stdout.log", "wb")  # noqa: SIM115 - owned by the child
+        instance.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.instances.append(instance)
+        self._wait_ready(instance)
+        return instance
+
+    def _wait_ready(self, instance: Instance, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if instance.process is not None and instance.process.poll() is not None:
+                raise SandboxError(
+                    f"mariadbd {instance.name} exited with {instance.process.returncode}:\n"
+                    f"{instance.tail_log()}"
+                )
+            try:
+                connection = pymysql.connect(
+                    unix_socket=instance.socket_path, user="root", password="", connect_timeout=2
+                )
+            except pymysql.err.OperationalError as error:
+                last_error = error
+                time.sleep(0.1)
+                continue
+            try:
+                with connection.cursor() as cursor:
+                    # One root account for TCP use ('root'/'root'); root@localhost keeps
+                    # an empty password on the socket.  Host-specific and anonymous
+                    # accounts would shadow 'root'@'%' for 127.0.0.1, so they go.
+                    # Not binlogged: every instance sets itself up the same way,
+                    # and a replica's binlog must start empty for GTID replication.
+                    cursor.execute("SET SESSION sql_log_bin = 0")
+                    cursor.execute(
+                        "SELECT User, Host FROM mysql.user WHERE User = '' "
+                        "OR (User = 'root' AND Host NOT IN ('localhost', '%'))"
+                    )
+                    for user, host in cursor.fetchall():
+                        cursor.execute(f"DROP USER '{user}'@'{host}'")
+                    cursor.execute("CREATE USER IF NOT EXISTS 'root'@'%' IDENTIFIED BY 'root'")
+                    cursor.execute("GRANT ALL ON *.* TO 'root'@'%' WITH GRANT OPTION")
+                    cursor.execute("CREATE USER IF NOT EXISTS 'repl'@'%' IDENTIFIED BY 'repl'")
+                    cursor.execute(
+                        "GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO 'repl'@'%'"
+                    )
+            finally:
+                connection.close()
+            return
+        raise SandboxError(
+            f"mariadbd {instance.name} not ready after {timeout:.0f}s ({last_error}):\n"
+            f"{instance.tail_log()}"
+        )
+
+    def start_primary(self, name: str = "primary", server_id: int = 1) -> Instance:
+        return self._spawn(name, server_id, PRIMARY_OPTIONS, "primary")
+
+    def start_replica(self, primary: Instance, name: str = "replica", server_id: int = 2) -> Instance:
+        replica = self._spawn(name, server_id, (*PRIMARY_OPTIONS, "--read-only=1"), "replica")
+        # Replicate from the very start of the primary's binlog so users and
+        # schemas created before the replica existed arrive too.
+        replica.execute(
+            "SET GLOBAL gtid_slave_pos = ''",
+            f"CHANGE MASTER TO master_host='127.0.0.1', master_port={primary.port}, "
+            "master_user='repl', master_password='repl', master_use_gtid=slave_pos, "
+            "master_connect_retry=1",
+            "START SLAVE",
+        )
+        wait_replica_caught_up(primary, replica)
+        return replica
+
+    def stop(self) -> None:
+        for instance in reversed(self.instances):
+            with contextlib.suppress(Exception):
+                instance.stop()
+        self.instances.clear()
+        if self._owns_base and not self.keep and self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def wait_replica_caught_up(primary: Instance, replica: Instance, timeout: float = 60.0) -> None:
+    """Block until the replica has applied everything the primary has written."""
+    (position,) = primary.execute("SELECT @@gtid_binlog_pos")[0]
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = replica.execute(f"SELECT MASTER_GTID_WAIT('{position}', 1)")
+        if rows and rows[0][0] == 0:
+            return
+        if time.monotonic() > deadline:
+            status = replica.execute("SHOW SLAVE STATUS")
+            raise SandboxError(f"replica did not catch up to {position}: {status}")
+
+
+@contextlib.contextmanager
+def running(replica: bool = False) -> Iterator[tuple[Instance, Instance | None]]:
+    """Start a primary (and optionally a replica) for the length of a block."""
+    ensure_installed()
+    with Sandbox() as sandbox:
+        primary = sandbox.start_primary()
+        secondary = sandbox.start_replica(primary) if replica else None
+        yield primary, secondary

@@ -1,0 +1,22 @@
+"""The test-database fixture itself: a binlogged primary and a GTID replica."""
+
+from __future__ import annotations
+
+from proxy import sandbox
+
+
+def test_primary_is_configured_for_online_schema_change(primary: sandbox.Instance) -> None:
+    rows = primary.execute(
+        "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, @@port"
+    )
+    assert rows[0] == (1, "ROW", "FULL", "FULL", primary.port)
+    assert primary.port != 3306
+
+
+def test_replica_follows_primary(
+    primary: sandbox.Instance, replica: sandbox.Instance, database: str
+) -> None:
+    primary.execute(f"CREATE TABLE `{database}`.t (id INT PRIMARY KEY)", f"INSERT INTO `{database}`.t VALUES (1),(2)")
+    sandbox.wait_replica_caught_up(primary, replica)
+    assert replica.execute(f"SELECT COUNT(*) FROM `{database}`.t") == [(2,)]
+    assert replica.execute("SELECT @@server_id, @@read_only") == [(2, 1)]
