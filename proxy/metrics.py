@@ -165,7 +165,7 @@ class Metrics:
                 ["reason"],
                 registry=registry,
             ).labels,
-            ("max_connections", "handshake_timeout", "tls_required", "shutting_down"),
+            ("max_client_connections", "handshake_timeout", "tls_required", "shutting_down"),
         )
         backend_connections = Gauge(
             "tidegate_backend_connections",
@@ -193,7 +193,7 @@ class Metrics:
                 ["reason"],
                 registry=registry,
             ).labels,
-            ("unknown_user", "bad_password"),
+            ("unknown_user", "bad_password", "unsupported_plugin"),
         )
         self._protocol_errors = _Children(
             Counter(
@@ -237,8 +237,8 @@ class Metrics:
     def client_disconnected(self) -> None:
         self.client_connections -= 1
 
-    def client_rejected(self, reason: str) -> None:
-        """Reasons used so far: max_connections, handshake_timeout, tls_required, shutting_down."""
+    def connection_rejected(self, reason: str) -> None:
+        """Reasons: max_client_connections, handshake_timeout, tls_required, shutting_down."""
         self._rejected[reason].inc()
 
     def declare_backends(self, names: Iterable[str]) -> None:
@@ -252,8 +252,12 @@ class Metrics:
     def backend_disconnected(self, backend: str) -> None:
         self._backend_connections[backend].dec()
 
-    def backend_connect_failed(self, backend: str) -> None:
+    def backend_connect_error(self, backend: str) -> None:
         self._backend_connect_errors[backend].inc()
+
+    def queue_waiting(self, delta: int) -> None:
+        """``delta`` clients started (+) or stopped (-) waiting for a backend slot."""
+        self.backend_queue_waiting.inc(delta)
 
     @contextmanager
     def waiting_for_backend(self) -> Iterator[None]:
@@ -264,8 +268,8 @@ class Metrics:
         finally:
             self.backend_queue_waiting.dec()
 
-    def auth_failed(self, reason: str) -> None:
-        """Reasons used so far: unknown_user, bad_password; keep the set small."""
+    def auth_failure(self, reason: str) -> None:
+        """Reasons: unknown_user, bad_password, unsupported_plugin; keep the set small."""
         self._auth_failures[reason].inc()
 
     def protocol_error(self, side: str) -> None:

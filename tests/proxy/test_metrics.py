@@ -82,13 +82,13 @@ def test_bytes_and_client_connections() -> None:
     metrics.client_connected()
     metrics.client_connected()
     metrics.client_disconnected()
-    metrics.client_rejected("max_connections")
+    metrics.connection_rejected("max_client_connections")
     assert value(metrics, "tidegate_bytes_total", direction="client_to_backend") == 15
     assert value(metrics, "tidegate_bytes_total", direction="backend_to_client") == 200
     assert value(metrics, "tidegate_client_connections") == 1
     assert value(metrics, "tidegate_client_connections_total") == 2
     rejected = "tidegate_client_connections_rejected_total"
-    assert value(metrics, rejected, reason="max_connections") == 1
+    assert value(metrics, rejected, reason="max_client_connections") == 1
     assert value(metrics, rejected, reason="tls_required") == 0
 
 
@@ -98,13 +98,16 @@ def test_backends_auth_and_protocol_errors() -> None:
     metrics.backend_connected("primary")
     metrics.backend_connected("primary")
     metrics.backend_disconnected("primary")
-    metrics.backend_connect_failed("replica1")
-    metrics.auth_failed("bad_password")
-    metrics.auth_failed("some_new_reason")
+    metrics.backend_connect_error("replica1")
+    metrics.auth_failure("bad_password")
+    metrics.auth_failure("some_new_reason")
     metrics.protocol_error("client")
     with metrics.waiting_for_backend():
         assert value(metrics, "tidegate_backend_queue_waiting") == 1
     assert value(metrics, "tidegate_backend_queue_waiting") == 0
+    metrics.queue_waiting(2)
+    metrics.queue_waiting(-1)
+    assert value(metrics, "tidegate_backend_queue_waiting") == 1
     assert value(metrics, "tidegate_backend_connections", backend="primary") == 1
     assert value(metrics, "tidegate_backend_connections", backend="replica1") == 0
     assert value(metrics, "tidegate_backend_connect_errors_total", backend="replica1") == 1
@@ -127,12 +130,13 @@ def test_up_build_info_and_process_metrics() -> None:
 def test_instances_do_not_share_state() -> None:
     first, second = Metrics(), Metrics()
     first.observe_query(0x03, True, 0.001)
-    first.client_rejected("max_connections")
+    first.connection_rejected("max_client_connections")
     assert ("tidegate_queries_total", (("command", "query"), ("result", "ok"))) not in scrape(
         second
     )
     assert (
-        value(second, "tidegate_client_connections_rejected_total", reason="max_connections") == 0
+        value(second, "tidegate_client_connections_rejected_total", reason="max_client_connections")
+        == 0
     )
 
 
