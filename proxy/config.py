@@ -991,9 +991,25 @@ _FLAG_SCALARS: dict[str, tuple[str, str, str]] = {
     "--client-tls-key": ("client_tls.key", "PATH", "private key of --client-tls-cert"),
     "--client-tls-ca": ("client_tls.ca", "PATH", "CA to verify client certificates"),
     **{
-        "--" + name.replace("_", "-"): (f"limits.{name}", "N", f"limits.{name}")
-        for name in _LIMIT_KEYS
+        "--" + name.replace("_", "-"): (f"limits.{name}", metavar, help_text)
+        for name, (metavar, help_text) in {
+            "max_client_connections": ("N", "clients at once; more get error 1040 (default 1000)"),
+            "max_backend_connections": (
+                "N",
+                "connections open to backends; more clients queue (default 500)",
+            ),
+            "backend_queue_size": ("N", "clients waiting for a backend connection (default 1000)"),
+            "backend_queue_timeout": ("SECONDS", "longest such wait (default 5)"),
+            "connect_timeout": ("SECONDS", "backend TCP connect + login (default 5)"),
+            "handshake_timeout": ("SECONDS", "client handshake + login (default 10)"),
+            "idle_timeout": ("SECONDS", "close idle client connections (default 28800)"),
+            "max_allowed_packet": ("BYTES", "largest packet, e.g. 64M (default 64M)"),
+            "shutdown_grace": ("SECONDS", "drain time on SIGTERM (default 5)"),
+        }.items()
     },
+}
+assert {flag for flag in _FLAG_SCALARS if _FLAG_SCALARS[flag][0].startswith("limits.")} == {
+    "--" + name.replace("_", "-") for name in _LIMIT_KEYS
 }
 _FLAG_BOOLEANS: dict[str, tuple[str, str]] = {
     "--admin-allow-remote": ("admin.allow_remote", "let the admin port listen off loopback"),
