@@ -76,9 +76,16 @@ class Credentials:
         return auth.native_token(self.stage1, scramble) if self.stage1 else b""
 
 
+# The proxy's own connections: none of the flags that change SQL semantics
+# (NO_SCHEMA, IGNORE_SPACE, FOUND_ROWS, ODBC) or packet shapes.
 DEFAULT_CLIENT_CAPABILITIES = int(
     RELAYABLE
     & ~Capability.CONNECT_WITH_DB
+    & ~Capability.NO_SCHEMA
+    & ~Capability.IGNORE_SPACE
+    & ~Capability.FOUND_ROWS
+    & ~Capability.ODBC
+    & ~Capability.INTERACTIVE
     & ~Capability.DEPRECATE_EOF
     & ~Capability.SESSION_TRACK
     & ~Capability.LOCAL_FILES

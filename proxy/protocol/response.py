@@ -19,6 +19,13 @@ from enum import IntEnum
 from proxy.protocol.constants import MAX_PACKET_PAYLOAD, Capability, Command, Status
 from proxy.protocol.wire import ProtocolError, Reader
 
+# Plain ints on the hot path: IntFlag arithmetic builds enum objects (~1 us each).
+_DEPRECATE_EOF = int(Capability.DEPRECATE_EOF)
+_MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
+_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
+_QUERY = int(Command.QUERY)
+_EXECUTE = int(Command.STMT_EXECUTE)
+
 #: Bytes of each logical packet the tracker looks at: enough for an OK
 #: packet's header, two 9-byte length-encoded integers and the status flags,
 #: and for a prepare-OK packet.
@@ -66,7 +73,7 @@ class ResponseTracker:
 
     def __init__(self, command: int, capabilities: int) -> None:
         self.command = command
-        self._deprecate_eof = bool(capabilities & Capability.DEPRECATE_EOF)
+        self._deprecate_eof = bool(capabilities & _DEPRECATE_EOF)
         self.status = 0
         self.error_code = 0
         self.last_sequence = -1
@@ -186,7 +193,7 @@ class ResponseTracker:
 
     def _end_of_result(self) -> None:
         self.results += 1
-        if self.status & Status.MORE_RESULTS_EXISTS:
+        if self.status & _MORE_RESULTS:
             self.state = State.FIRST
         else:
             self._finishing = True
@@ -208,7 +215,7 @@ class ResponseTracker:
         first = buffer[start]
         if state is State.ROWS:
             if first == 0xFE and self._terminator(buffer, start, length):
-                if self.command == Command.STMT_EXECUTE and self.status & Status.CURSOR_EXISTS:
+                if self.command == _EXECUTE and self.status & _CURSOR_EXISTS:
                     self.results += 1
                     self._finishing = True
                 else:
@@ -228,7 +235,7 @@ class ResponseTracker:
             elif first == 0xFF:
                 self._error(buffer, start, length)
             elif first == 0xFB:
-                if self.command != Command.QUERY:
+                if self.command != _QUERY:
                     raise ProtocolError("LOCAL INFILE request outside COM_QUERY")
                 self.state = State.INFILE
                 self._finishing = True
@@ -246,7 +253,7 @@ class ResponseTracker:
             if first != 0xFE:
                 raise ProtocolError("expected EOF after column definitions")
             self._status_from_eof(buffer, start, length)
-            if self.command == Command.STMT_EXECUTE and self.status & Status.CURSOR_EXISTS:
+            if self.command == _EXECUTE and self.status & _CURSOR_EXISTS:
                 self.results += 1
                 self._finishing = True
             else:

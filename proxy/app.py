@@ -1,0 +1,239 @@
+"""Composition root: one root nursery running the proxy, HTTP and admin.
+
+``App.run`` starts everything and returns after a graceful shutdown:
+SIGTERM/SIGINT stop the listeners, idle sessions close at once, busy ones
+finish their statement and open transaction within ``shutdown_grace``, then
+whatever is left is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import trio
+
+from proxy.backends import (
+    BackendUnavailable,
+    Credentials,
+    Endpoint,
+    connect,
+    make_client_tls_context,
+    probe_handshake,
+)
+from proxy.config import BackendConfig, Config, ConfigError, load_config
+from proxy.metrics import Metrics
+from proxy.protocol.constants import RELAYABLE, Status
+from proxy.protocol.packets import Handshake
+from proxy.relay import Proxy, Settings
+from proxy.users import Account, UserDirectory, accounts_from_mysql_user
+
+log = logging.getLogger("tidegate")
+
+FALLBACK_VERSION = "5.5.5-10.11.0-MariaDB-tidegate"
+
+
+def endpoint_from(backend: BackendConfig) -> Endpoint:
+    context = None
+    if backend.tls is not None:
+        context = make_client_tls_context(
+            backend.tls.ca, backend.tls.cert, backend.tls.key, backend.tls.verify
+        )
+    return Endpoint(
+        backend.name,
+        backend.host,
+        backend.port,
+        backend.role,
+        context,
+        backend.tls.server_name if backend.tls else None,
+    )
+
+
+def settings_from(config: Config) -> Settings:
+    limits = config.limits
+    client_tls = None
+    if config.client_tls is not None:
+        import ssl
+
+        client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        client_tls.load_cert_chain(config.client_tls.cert, config.client_tls.key)
+        if config.client_tls.ca:
+            client_tls.load_verify_locations(config.client_tls.ca)
+            client_tls.verify_mode = ssl.CERT_REQUIRED
+    return Settings(
+        max_client_connections=limits.max_client_connections,
+        max_backend_connections=limits.max_backend_connections,
+        backend_queue_size=limits.backend_queue_size,
+        backend_queue_timeout=limits.backend_queue_timeout,
+        connect_timeout=limits.connect_timeout,
+        handshake_timeout=limits.handshake_timeout,
+        idle_timeout=limits.idle_timeout,
+        max_allowed_packet=limits.max_allowed_packet,
+        shutdown_grace=limits.shutdown_grace,
+        client_tls=client_tls,
+        client_tls_required=bool(config.client_tls and config.client_tls.required),
+    )
+
+
+def configured_accounts(config: Config) -> list[Account]:
+    accounts = []
+    for user in config.users:
+        if user.password is not None:
+            accounts.append(Account.from_password(user.name, user.password))
+        elif user.password_hash is not None:
+            accounts.append(Account.from_hash(user.name, [user.password_hash]))
+    return accounts
+
+
+def fallback_greeting() -> Handshake:
+    return Handshake(
+        server_version=FALLBACK_VERSION,
+        connection_id=0,
+        scramble=b"\x01" * 20,
+        capabilities=int(RELAYABLE),
+        character_set=45,
+        status=int(Status.AUTOCOMMIT),
+    )
+
+
+class App:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.primary = endpoint_from(config.primary)
+        self.metrics = metrics
+        self.users = UserDirectory(
+            configured_accounts(config),
+            self._load_users if (config.service_account and config.load_users_from_backend) else None,
+        )
+        self.proxy: Proxy | None = None
+        self.primary_reachable = False
+        self.shutdown_requested = trio.Event()
+
+    async def _load_users(self) -> list[Account]:
+        service = self.config.service_account
+        assert service is not None
+        backend = await connect(
+            self.primary,
+            Credentials.from_password(*service),
+            timeout=self.config.limits.connect_timeout,
+        )
+        try:
+            result = await backend.query(
+                "SELECT User, Host, plugin, authentication_string FROM mysql.user"
+            )
+        finally:
+            await backend.aclose()
+        return accounts_from_mysql_user(result.dicts())
+
+    async def _greeting(self) -> Handshake:
+        try:
+            greeting = await probe_handshake(self.primary, self.config.limits.connect_timeout)
+            self.primary_reachable = True
+            return greeting
+        except (BackendUnavailable, trio.TooSlowError, OSError) as error:
+            log.warning("primary %s not reachable at start: %s", self.primary.address, error)
+            return fallback_greeting()
+
+    async def ready(self) -> tuple[bool, str]:
+        proxy = self.proxy
+        if proxy is None or not proxy.listening:
+            return False, "proxy not listening yet"
+        if proxy.draining:
+            return False, "shutting down"
+        try:
+            with trio.fail_after(1.0):
+                await probe_handshake(self.primary, 1.0)
+        except (BackendUnavailable, trio.TooSlowError, OSError) as error:
+            self.primary_reachable = False
+            return False, f"primary {self.primary.address} unreachable: {error}"
+        self.primary_reachable = True
+        return True, "ok"
+
+    def status(self) -> dict[str, object]:
+        proxy = self.proxy
+        sessions = list(proxy.relays.values()) if proxy else []
+        return {
+            "listening": [f"{h}:{p}" for h, p in proxy.listening] if proxy else [],
+            "draining": bool(proxy and proxy.draining),
+            "primary": {"name": self.primary.name, "address": self.primary.address,
+                        "reachable": self.primary_reachable},
+            "client_connections": len(sessions),
+            "in_transaction": sum(1 for r in sessions if r.session.in_transaction),
+            "backend_connections": proxy.backend_limiter.in_use if proxy else 0,
+            "backend_queue_waiting": proxy.backend_limiter.waiting if proxy else 0,
+            "migration_in_progress": False,
+            "hold_in_progress": False,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        greeting = await self._greeting()
+        if self.users._loader is not None:
+            await self.users.refresh(force=True)
+        if self.metrics is not None:
+            self.metrics.declare_backends([backend.name for backend in config.backends])
+        proxy = Proxy(settings_from(config), self.primary, self.users, greeting, self.metrics)
+        self.proxy = proxy
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve, config.listen[0], config.listen[1])
+            if self.metrics is not None:
+                from proxy.http import serve_http
+
+                await nursery.start(
+                    serve_http, config.http_listen[0], config.http_listen[1], self.metrics, self
+                )
+            if threading.current_thread() is threading.main_thread():
+                nursery.start_soon(self._watch_signals, nursery)
+            log.info(
+                "tidegate listening on %s, primary %s (%s)",
+                ", ".join(f"{h}:{p}" for h, p in proxy.listening),
+                self.primary.address,
+                greeting.server_version,
+            )
+            task_status.started(proxy)
+            await self.shutdown_requested.wait()
+            await self._drain(nursery)
+
+    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                self.shutdown_requested.set()
+                return
+
+    async def _drain(self, nursery: trio.Nursery) -> None:
+        proxy = self.proxy
+        assert proxy is not None
+        proxy.begin_shutdown()
+        grace = self.config.limits.shutdown_grace
+        with trio.move_on_after(grace):
+            while proxy.relays:
+                await trio.sleep(0.02)
+        if proxy.relays:
+            log.warning("%d sessions still open after %.1fs grace; closing them", len(proxy.relays), grace)
+        nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        self.shutdown_requested.set()
+
+
+def serve_main(argv: list[str]) -> int:
+    try:
+        config = load_config(argv)
+        _ = config.primary
+    except ConfigError as error:
+        print(f"tidegate: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = App(config, Metrics())
+    try:
+        trio.run(app.run)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
