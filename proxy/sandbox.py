@@ -247,7 +247,7 @@ class Sandbox:
         ]
         if os.geteuid() == 0:
             command.append("--user=root")
-        log = open(directory / "stdout.log", "wb")  # noqa: SIM115 - owned by the child
+        log = open(directory / "stdout.log", "wb")
         instance.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
