@@ -285,8 +285,12 @@ class Relay:
         proxy = self.proxy
         try:
             with self.scope:
+                # The handshake timeout bounds the client's side of the login;
+                # waiting for a backend slot has its own (backend_queue_timeout).
                 with trio.fail_after(proxy.settings.handshake_timeout):
-                    self.authenticated = await self._handshake()
+                    login = await self._handshake()
+                if login is not None:
+                    self.authenticated = await self._open_backend(*login)
                 if self.authenticated:
                     await self._command_loop()
         except trio.TooSlowError:
@@ -318,7 +322,7 @@ class Relay:
 
     # -- handshake and authentication --------------------------------------
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self) -> tuple[Credentials, str | None, int] | None:
         proxy = self.proxy
         greeting = proxy.greeting
         offered = int(greeting.capabilities & RELAYABLE) | int(
@@ -350,7 +354,7 @@ class Relay:
                 "tidegate: connections must use TLS (client_tls.required = true)",
                 sequence,
             )
-            return False
+            return None
         response = HandshakeResponse.parse(packet.payload)
         session = self.session
         session.capabilities = response.capabilities & offered & ~int(Capability.SSL)
@@ -361,9 +365,9 @@ class Relay:
             response.username, response.auth_plugin or auth.NATIVE, response.auth_response, sequence
         )
         if result is None:
-            return False
+            return None
         credentials, sequence = result
-        return await self._open_backend(credentials, response.database, sequence)
+        return credentials, response.database, sequence
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         client = self.client
