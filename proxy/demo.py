@@ -138,7 +138,7 @@ def demo_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tidegate demo", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each workload phase")
     parser.add_argument("--threads", type=int, default=8, help="workload connections")
-    parser.add_argument("--rows", type=int, default=ROWS, help="rows in the demo table")
+    parser.add_argument("--rows", type=int, default=20_000, help="rows in the demo table")
     parser.add_argument("--no-migration", action="store_true", help="skip the online ALTER phase")
     args = parser.parse_args(argv)
     global ROWS
@@ -178,7 +178,7 @@ def demo_main(argv: list[str]) -> int:
         sidecar = subprocess.Popen(command)
         try:
             _wait_http(f"http://127.0.0.1:{http_port}/readyz")
-            common = {"user": "app", "password": "app-secret", "database": "demo",
+            common = {"user": "app", "password": "app-secret", "database": "demo", "ssl_disabled": True,
                       "autocommit": True, "charset": "utf8mb4"}
             direct = {"host": "127.0.0.1", "port": primary.port, **common}
             proxied = {"host": "127.0.0.1", "port": listen_port, **common}

@@ -93,6 +93,34 @@ class RawConnection:
         return trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
 
 
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first yields bytes already read from the socket.
+
+    Clients may send their TLS ClientHello right behind the SSLRequest
+    without waiting; those bytes are already in our buffer and belong to TLS.
+    """
+
+    def __init__(self, prefix: bytes, inner: trio.abc.Stream) -> None:
+        self._prefix = prefix
+        self._inner = inner
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class StreamConnection:
     __slots__ = ("_peer", "stream")
 

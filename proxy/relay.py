@@ -28,7 +28,13 @@ from proxy.backends import (
     Endpoint,
     connect,
 )
-from proxy.netio import Connection, ConnectionClosed, RawConnection, StreamConnection
+from proxy.netio import (
+    Connection,
+    ConnectionClosed,
+    PrefixedStream,
+    RawConnection,
+    StreamConnection,
+)
 from proxy.protocol import auth
 from proxy.protocol.constants import (
     NO_RESPONSE,
@@ -373,9 +379,10 @@ class Relay:
         client = self.client
         if not isinstance(client, RawConnection):
             raise ProtocolError("TLS requested twice")
+        transport: trio.abc.Stream = client.detach_stream()
         if self.reader.pending():
-            raise ProtocolError("client sent data before the TLS handshake")
-        stream = trio.SSLStream(client.detach_stream(), context, server_side=True)
+            transport = PrefixedStream(self.reader.take_pending(), transport)
+        stream = trio.SSLStream(transport, context, server_side=True)
         try:
             await stream.do_handshake()
         except (trio.BrokenResourceError, ssl.SSLError) as error:

@@ -39,6 +39,64 @@ PRIMARY_OPTIONS = (
 )
 
 
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for localhost / 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tidegate test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server-key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
 class SandboxError(RuntimeError):
     """The throwaway server could not be installed, started or stopped."""
 
@@ -181,12 +239,21 @@ class Sandbox:
     keep: bool = False
     _owns_base: bool = False
     _template: Path | None = None
+    #: (CA, server certificate, server key) for instances started with tls=True
+    certificates: tuple[Path, Path, Path] | None = None
 
     def __post_init__(self) -> None:
         if self.base is None:
             self.base = Path(tempfile.mkdtemp(prefix="tidegate-db-"))
             self._owns_base = True
         self.base.mkdir(parents=True, exist_ok=True)
+
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """(CA, certificate, key) for localhost, made once per sandbox."""
+        if self.certificates is None:
+            assert self.base is not None
+            self.certificates = make_certificates(self.base / "tls")
+        return self.certificates
 
     # -- lifecycle -------------------------------------------------------
 
@@ -213,7 +280,9 @@ class Sandbox:
         self._template = template
         return template
 
-    def _spawn(self, name: str, server_id: int, options: tuple[str, ...], role: str) -> Instance:
+    def _spawn(
+        self, name: str, server_id: int, options: tuple[str, ...], role: str, tls: bool = False
+    ) -> Instance:
         assert self.base is not None
         directory = self.base / name
         if directory.exists():
@@ -243,6 +312,17 @@ class Sandbox:
             "--local-infile=1",
             "--performance-schema=ON",
             "--lock-wait-timeout=60",
+            # TLS is opt-in: pymysql prefers TLS whenever a server offers it,
+            # which would tax every direct connection in tests and benchmarks.
+            *(
+                (
+                    f"--ssl-ca={self.tls_files()[0]}",
+                    f"--ssl-cert={self.tls_files()[1]}",
+                    f"--ssl-key={self.tls_files()[2]}",
+                )
+                if tls
+                else ()
+            ),
             *options,
         ]
         if os.geteuid() == 0:
@@ -301,8 +381,8 @@ class Sandbox:
             f"{instance.tail_log()}"
         )
 
-    def start_primary(self, name: str = "primary", server_id: int = 1) -> Instance:
-        return self._spawn(name, server_id, PRIMARY_OPTIONS, "primary")
+    def start_primary(self, name: str = "primary", server_id: int = 1, *, tls: bool = False) -> Instance:
+        return self._spawn(name, server_id, PRIMARY_OPTIONS, "primary", tls)
 
     def start_replica(self, primary: Instance, name: str = "replica", server_id: int = 2) -> Instance:
         replica = self._spawn(name, server_id, (*PRIMARY_OPTIONS, "--read-only=1"), "replica")

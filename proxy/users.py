@@ -99,6 +99,7 @@ class UserDirectory:
         self._interval = min_refresh_interval
         self._last_refresh = -1e9
         self._lock = trio.Lock()
+        self._generation = 0
         self.last_error: str | None = None
 
     def get(self, name: str) -> Account | None:
@@ -108,14 +109,23 @@ class UserDirectory:
         return sorted(set(self._configured) | set(self._loaded))
 
     async def refresh(self, *, force: bool = False) -> bool:
-        """Reload backend users; returns whether a reload happened."""
+        """Reload backend users; returns whether a reload happened.
+
+        Reloads are at most one per ``min_refresh_interval``: a caller that
+        comes too early waits for the next slot (so a user created a moment
+        ago still gets in), and callers waiting together share one reload.
+        """
         if self._loader is None:
             return False
+        generation = self._generation
         async with self._lock:
-            now = trio.current_time()
-            if not force and now - self._last_refresh < self._interval:
-                return False
-            self._last_refresh = now
+            if self._generation != generation:
+                return True  # someone reloaded while we waited for the lock
+            if not force:
+                wait = self._last_refresh + self._interval - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+            self._last_refresh = trio.current_time()
             try:
                 accounts = await self._loader()
             except Exception as error:
@@ -133,6 +143,7 @@ class UserDirectory:
                     account.sha2_digest = old.sha2_digest
                 loaded[account.name] = account
             self._loaded = loaded
+            self._generation += 1
             return True
 
     async def lookup(self, name: str) -> Account | None:
