@@ -1,0 +1,162 @@
+"""Changed keys → batched, idempotent REPLACE … SELECT / DELETE on the ghost.
+
+The applier never decodes row values from the binlog.  For every key the
+binlog says changed it makes the ghost row equal to the original row *as it
+is now*: deleted keys are deleted from the ghost, the rest are re-read from
+the original with ``REPLACE INTO ghost SELECT … WHERE key IN (…)``.  That is
+idempotent, so replaying after a resume is safe, and it is applied before any
+further copy chunk so the ghost is never behind a chunk it overlaps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import trio
+
+from migrator.binlog import BinlogItem
+from migrator.chunker import key_in
+from migrator.db import Connection, Statement, qualified, quote
+from migrator.inspector import Plan
+
+log = logging.getLogger("tidegate.migrator.applier")
+
+KeyValues = tuple[Any, ...]
+
+
+class DDLDetected(RuntimeError):
+    pass
+
+
+def copy_select(plan: Plan, schema: str, original: str, ghost: str) -> tuple[str, str]:
+    """(``REPLACE INTO ghost (…) SELECT … FROM orig`` prefix, ``DELETE FROM ghost`` prefix)."""
+    targets = ", ".join(quote(c) for c in plan.target_columns)
+    sources = ", ".join(quote(c) for c in plan.source_columns)
+    replace = f"REPLACE INTO {qualified(schema, ghost)} ({targets}) SELECT {sources} FROM {qualified(schema, original)}"
+    delete = f"DELETE FROM {qualified(schema, ghost)}"
+    return replace, delete
+
+
+class Applier:
+    """Owns the set of keys changed in the original but not yet applied to the ghost."""
+
+    def __init__(self, plan: Plan, schema: str, original: str, ghost: str, *, batch_size: int = 500) -> None:
+        self._plan = plan
+        self._replace, self._delete = copy_select(plan, schema, original, ghost)
+        self._batch_size = batch_size
+        self.pending: dict[KeyValues, bool] = {}  # key -> deleted, last event wins
+        #: every binlog change before this position is in ``pending`` or in the ghost
+        self.received_gtid: str | None = None
+        #: every binlog change before this position is in the ghost
+        self.applied_gtid: str | None = None
+        self.changelog_seen: dict[str, str] = {}
+        self._changelog_event = trio.Event()
+        self.ddl: list[str] = []
+        self.rows_applied = 0
+        self.last_heartbeat: str | None = None
+        self.tracking: set[KeyValues] | None = None  # keys applied while a delta is tracked
+        self.paused = False
+        self._in_flight = 0
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive(self, item: BinlogItem) -> None:
+        for key, deleted in item.keys:
+            self.pending.pop(key, None)  # keep insertion order = order of last change
+            self.pending[key] = deleted
+        for hint, value in item.changelog:
+            self.changelog_seen[hint] = value
+            if hint == "heartbeat":
+                self.last_heartbeat = value
+        if item.changelog:
+            self._changelog_event.set()
+            self._changelog_event = trio.Event()
+        self.ddl.extend(item.ddl)
+        if item.gtid is not None:
+            self.received_gtid = item.gtid
+            if not self.pending and not self._in_flight:
+                self.applied_gtid = item.gtid
+
+    async def consume(self, receive_channel: trio.MemoryReceiveChannel[BinlogItem]) -> None:
+        async with receive_channel:
+            async for item in receive_channel:
+                self.receive(item)
+
+    async def wait_changelog(self, hint: str, value: str) -> None:
+        """Return once the binlog has delivered changelog row (hint, value)."""
+        while self.changelog_seen.get(hint) != value:
+            event = self._changelog_event
+            await event.wait()
+
+    # -- applying --------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Stop ordinary flushes and wait for one in flight to finish.
+
+        A cut-over or checksum lock must not be granted between the DELETE and
+        the REPLACE of a batch: that batch would then land after the snapshot.
+        """
+        self.paused = True
+        while self._in_flight:
+            await trio.sleep(0.001)
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def statements(self, batch: Sequence[tuple[KeyValues, bool]]) -> list[Statement]:
+        deletes = [k for k, deleted in batch if deleted]
+        upserts = [k for k, deleted in batch if not deleted]
+        statements: list[Statement] = []
+        if deletes:
+            where = key_in(self._plan.ghost_key_columns, len(deletes))
+            statements.append((f"{self._delete} WHERE {where}", _flatten(deletes)))
+        if upserts:
+            where = key_in(self._plan.key_columns, len(upserts))
+            statements.append((f"{self._replace} WHERE {where}", _flatten(upserts)))
+        return statements
+
+    async def flush(self, connection: Connection, *, limit: int | None = None, force: bool = False) -> int:
+        """Apply pending keys (all, or up to ``limit``) through ``connection``; keys applied.
+
+        While ``paused`` (a cut-over owns the tables) only ``force`` flushes run.
+        """
+        if self.paused and not force:
+            return 0
+        applied = 0
+        while self.pending and (limit is None or applied < limit):
+            gtid_at_snapshot = self.received_gtid
+            batch = list(_take(self.pending, self._batch_size))
+            self._in_flight += 1
+            try:
+                # Autocommit statements, not BEGIN…COMMIT: under LOCK TABLES (cut-over)
+                # BEGIN would silently release the table locks.
+                await connection.execute_many(self.statements(batch))
+            except BaseException:
+                # Put them back (newer changes received meanwhile win).
+                for key, deleted in batch:
+                    self.pending.setdefault(key, deleted)
+                raise
+            finally:
+                self._in_flight -= 1
+            if self.tracking is not None:
+                self.tracking.update(k for k, _ in batch)
+            applied += len(batch)
+            self.rows_applied += len(batch)
+            if not self.pending and not self._in_flight:
+                self.applied_gtid = gtid_at_snapshot
+        if not self.pending and not self._in_flight:
+            self.applied_gtid = self.received_gtid
+        return applied
+
+
+def _take(pending: dict[KeyValues, bool], count: int) -> Iterable[tuple[KeyValues, bool]]:
+    taken: list[tuple[KeyValues, bool]] = []
+    for key in list(pending)[:count]:
+        taken.append((key, pending.pop(key)))
+    return taken
+
+
+def _flatten(keys: Sequence[KeyValues]) -> list[Any]:
+    return [value for key in keys for value in key]

@@ -1,0 +1,257 @@
+"""The binlog reader: mysql-replication in one worker thread, feeding a bounded channel.
+
+The only user of ``pymysqlreplication``.  It starts from a GTID (MariaDB's
+``auto_position``) and reads with ``blocking=True`` (the non-blocking reader
+replays from the start on MariaDB because of a dump-request bug), and it
+tracks its own position: an item carries the GTID of the last *complete*
+transaction in it, so a consumer that has applied an item may checkpoint that
+GTID and later restart there without losing a change.
+
+Only primary-key values leave this module: the applier re-reads rows from the
+original table, so nothing depends on how a column type decodes here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pymysql
+import trio
+from pymysqlreplication import BinLogStreamReader
+from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
+from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+from migrator.db import Connection, ConnectionSettings
+
+log = logging.getLogger("tidegate.migrator.binlog")
+
+KeyValues = tuple[Any, ...]
+
+
+@dataclass
+class BinlogItem:
+    """Changes from one or more whole transactions, in binlog order."""
+
+    #: (key, deleted) for rows of the original table; both images of an update
+    #: whose key changed appear (old key deleted, new key present).
+    keys: list[tuple[KeyValues, bool]] = field(default_factory=list)
+    #: (hint, value) rows written to the changelog table.
+    changelog: list[tuple[str, str]] = field(default_factory=list)
+    #: DDL statements that touched the original table.
+    ddl: list[str] = field(default_factory=list)
+    #: position after the last complete transaction in this item (None: none complete)
+    gtid: str | None = None
+    transactions: int = 0
+
+    def empty(self) -> bool:
+        return not (self.keys or self.changelog or self.ddl)
+
+
+def parse_gtid_position(text: str) -> dict[int, str]:
+    position: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        domain = int(part.split("-", 1)[0])
+        position[domain] = part
+    return position
+
+
+def format_gtid_position(position: dict[int, str]) -> str:
+    return ",".join(position[d] for d in sorted(position))
+
+
+class BinlogError(RuntimeError):
+    pass
+
+
+class BinlogStreamer:
+    """Reads the binlog from ``start_gtid`` into ``send_channel`` until cancelled."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        schema: str,
+        table: str,
+        changelog_table: str,
+        key_columns: Sequence[str],
+        start_gtid: str,
+        *,
+        server_id: int,
+        reconnect_attempts: int = 10,
+    ) -> None:
+        self._settings = settings
+        self._schema = schema
+        self._table = table
+        self._changelog = changelog_table
+        self._key_columns = tuple(key_columns)
+        self._position = parse_gtid_position(start_gtid)
+        self._server_id = server_id
+        self._reconnect_attempts = reconnect_attempts
+        self._stop = threading.Event()
+        self._thread_ids: list[int] = []
+        self._ids_lock = threading.Lock()
+        name = re.escape(table)
+        self._ddl_pattern = re.compile(
+            rf"^\s*(ALTER|DROP|RENAME|TRUNCATE)\b.*?(?<![\w$`])`?{name}`?(?![\w$])", re.I | re.S
+        )
+        self.events_read = 0
+        self.last_event_time = 0.0
+
+    # -- trio side ---------------------------------------------------------------
+
+    async def run(
+        self,
+        send_channel: trio.MemorySendChannel[BinlogItem],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        token = trio.lowlevel.current_trio_token()
+        task_status.started()
+        async with send_channel:
+            try:
+                await trio.to_thread.run_sync(self._thread_main, send_channel, token, abandon_on_cancel=True)
+            finally:
+                self._stop.set()
+                with trio.CancelScope(shield=True):
+                    await self._kill_connections()
+
+    async def _kill_connections(self) -> None:
+        with self._ids_lock:
+            ids = list(self._thread_ids)
+        if not ids:
+            return
+        try:
+            async with Connection(self._settings, setup=()) as control:
+                for thread_id in ids:
+                    with contextlib.suppress(Exception):
+                        await control.execute(f"KILL CONNECTION {int(thread_id)}")
+        except Exception as error:  # the server may be gone; the thread dies with it
+            log.debug("could not kill binlog connections: %s", error)
+
+    # -- worker thread -------------------------------------------------------------
+
+    def _connect(self, **kwargs: Any) -> Any:
+        connection = pymysql.connect(**kwargs)
+        with self._ids_lock:
+            self._thread_ids.append(int(connection.thread_id()))
+        return connection
+
+    def _send(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any, item: BinlogItem) -> None:
+        trio.from_thread.run(send_channel.send, item, trio_token=token)
+
+    def _thread_main(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._stream(send_channel, token)
+            except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except Exception as error:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                if failures > self._reconnect_attempts:
+                    raise BinlogError(f"binlog stream failed {failures} times: {error}") from error
+                log.warning("binlog stream error (%s); reconnecting from %s", error, format_gtid_position(self._position))
+                time.sleep(min(2.0, 0.1 * 2**failures))
+
+    def _stream(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any) -> None:
+        settings = {
+            "host": self._settings.host,
+            "port": self._settings.port,
+            "user": self._settings.user,
+            "passwd": self._settings.password,
+            "connect_timeout": self._settings.connect_timeout,
+        }
+        stream = BinLogStreamReader(
+            connection_settings=settings,
+            server_id=self._server_id,
+            blocking=True,
+            is_mariadb=True,
+            auto_position=format_gtid_position(self._position),
+            only_schemas=[self._schema],
+            only_tables=[self._table, self._changelog],
+            only_events=[MariadbGtidEvent, XidEvent, QueryEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent],
+            freeze_schema=True,
+            pymysql_wrapper=self._connect,
+            enable_logging=False,
+        )
+        item = BinlogItem()
+        current: str | None = None  # GTID of the open transaction
+        last_send = time.monotonic()
+        try:
+            for event in stream:
+                if self._stop.is_set():
+                    return
+                self.events_read += 1
+                self.last_event_time = time.time()
+                if isinstance(event, MariadbGtidEvent):
+                    current = event.gtid
+                    continue
+                if isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
+                    self._collect_rows(event, item)
+                    if len(item.keys) >= 2000:
+                        # A huge transaction: pass on its keys without advancing the position.
+                        self._send(send_channel, token, item)
+                        item = BinlogItem()
+                        last_send = time.monotonic()
+                    continue
+                ends = False
+                if isinstance(event, XidEvent):
+                    ends = True
+                elif isinstance(event, QueryEvent):
+                    query = event.query if isinstance(event.query, str) else event.query.decode("utf-8", "replace")
+                    stripped = query.strip().upper()
+                    if stripped == "BEGIN":
+                        continue
+                    ends = True
+                    if stripped != "COMMIT" and str(getattr(event, "schema", b"") or b"", ) and self._ddl_pattern.search(query):
+                        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema)
+                        if schema == self._schema or f"{self._schema}." in query or f"`{self._schema}`." in query:
+                            item.ddl.append(query)
+                if ends and current is not None:
+                    domain = int(current.split("-", 1)[0])
+                    self._position[domain] = current
+                    item.gtid = format_gtid_position(self._position)
+                    item.transactions += 1
+                    current = None
+                    now = time.monotonic()
+                    if not item.empty() or item.transactions >= 500 or now - last_send > 0.2:
+                        self._send(send_channel, token, item)
+                        item = BinlogItem()
+                        last_send = now
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def _collect_rows(self, event: Any, item: BinlogItem) -> None:
+        table = event.table
+        if event.schema != self._schema:
+            return
+        if table == self._changelog:
+            for row in event.rows:
+                values = row.get("after_values") or row.get("values") or {}
+                if isinstance(event, DeleteRowsEvent):
+                    continue
+                item.changelog.append((str(values.get("hint")), str(values.get("value"))))
+            return
+        if table != self._table:
+            return
+        columns = self._key_columns
+        for row in event.rows:
+            if isinstance(event, UpdateRowsEvent):
+                before = tuple(row["before_values"][c] for c in columns)
+                after = tuple(row["after_values"][c] for c in columns)
+                if before != after:
+                    item.keys.append((before, True))
+                item.keys.append((after, False))
+            elif isinstance(event, WriteRowsEvent):
+                item.keys.append((tuple(row["values"][c] for c in columns), False))
+            else:
+                item.keys.append((tuple(row["values"][c] for c in columns), True))

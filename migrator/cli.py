@@ -1,0 +1,251 @@
+"""``tidegate migrate`` and ``tidegate schema-version``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from migrator import db, inspector
+from migrator.db import ConnectionSettings
+from migrator.inspector import Refusal
+from migrator.runner import Migration, MigrationFailed, Progress, cancel_migration
+from migrator.spec import LoadThreshold, MigrationSpec, OldTablePolicy, SpecError
+from migrator.state import MigrationState, Phase, definition_hash
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--dsn", help="mysql://user:password@host:port/database")
+    group.add_argument("--host", default=None)
+    group.add_argument("--port", type=int, default=None)
+    group.add_argument("--user", default=None)
+    group.add_argument("--password", default=None)
+    group.add_argument("--database", "-d", default=None)
+    group.add_argument("--state-schema", default="_tidegate", help="schema holding migration state (default _tidegate)")
+
+
+def _settings(args: argparse.Namespace) -> tuple[ConnectionSettings, str]:
+    settings = ConnectionSettings.from_dsn(args.dsn) if args.dsn else ConnectionSettings()
+    overrides = {k: getattr(args, k) for k in ("host", "port", "user", "password") if getattr(args, k) is not None}
+    if overrides:
+        settings = ConnectionSettings(
+            host=overrides.get("host", settings.host),
+            port=overrides.get("port", settings.port),
+            user=overrides.get("user", settings.user),
+            password=overrides.get("password", settings.password),
+            database=settings.database,
+        )
+    database = args.database or settings.database
+    return settings, database
+
+
+def migrate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidegate migrate",
+        description="Online schema change through a ghost table and the binlog (gh-ost style), "
+        "or ALGORITHM=INSTANT when the server can.",
+    )
+    _connection_arguments(parser)
+    parser.add_argument("--table", "-t", required=True)
+    parser.add_argument("--alter", help='the ALTER clause, e.g. "ADD COLUMN c INT NULL"')
+    parser.add_argument("--execute", action="store_true", help="migrate (without it: dry run that prints the plan)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted migration of the table")
+    parser.add_argument("--cancel", action="store_true", help="abandon the unfinished migration: drop the ghost")
+    tuning = parser.add_argument_group("copy")
+    tuning.add_argument("--chunk-size", type=int, default=1000, help="starting rows per chunk (default 1000)")
+    tuning.add_argument("--chunk-time", type=float, default=0.5, help="target seconds per chunk (default 0.5)")
+    tuning.add_argument("--exact-rowcount", action="store_true", help="COUNT(*) for the estimate")
+    tuning.add_argument("--default-retries", type=int, default=60)
+    throttle = parser.add_argument_group("throttling")
+    throttle.add_argument("--max-load", default="", help="e.g. Threads_running=25,Threads_connected=500")
+    throttle.add_argument("--critical-load", default="", help="abort (or hibernate) above, e.g. Threads_running=100")
+    throttle.add_argument("--critical-load-hibernate-seconds", type=float, default=0.0,
+                          help="instead of aborting on critical load, pause this long")
+    throttle.add_argument("--max-lag-millis", type=int, default=1500)
+    throttle.add_argument("--replica", action="append", default=[], help="replica DSN for lag (repeatable)")
+    throttle.add_argument("--throttle-flag-file", type=Path)
+    cut = parser.add_argument_group("cut-over")
+    cut.add_argument("--postpone-cut-over-flag-file", type=Path)
+    cut.add_argument("--panic-flag-file", type=Path)
+    cut.add_argument("--cut-over-lock-timeout-seconds", type=float, default=3.0)
+    cut.add_argument("--cut-over-max-attempts", type=int, default=60)
+    cut.add_argument("--old-table", choices=[p.value for p in OldTablePolicy], default="keep",
+                     help="after cut-over: keep the old table as _<t>_del, or drop it")
+    safety = parser.add_argument_group("safety")
+    safety.add_argument("--attempt-instant-ddl", type=_bool, default=True, metavar="on|off")
+    safety.add_argument("--checksum", type=_bool, default=True, metavar="on|off")
+    safety.add_argument("--approve-renamed-columns", action="store_true")
+    safety.add_argument("--approve-lossy-changes", action="store_true")
+    safety.add_argument("--drop-leftovers", action="store_true", help="drop leftover _<t>_gho/_ghc/_del tables")
+    parser.add_argument("--status-interval", type=float, default=5.0)
+    parser.add_argument("--quiet", "-q", action="store_true")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
+    settings, database = _settings(args)
+    if not args.alter and not (args.resume or args.cancel):
+        raise SpecError("--alter is required")
+    return MigrationSpec(
+        connection=settings,
+        database=database or "",
+        table=args.table,
+        alter=args.alter or "COMMENT ''",
+        execute=args.execute or args.resume,
+        chunk_size=args.chunk_size,
+        chunk_time=args.chunk_time,
+        max_load=LoadThreshold.parse_list(args.max_load),
+        critical_load=LoadThreshold.parse_list(args.critical_load),
+        critical_load_hibernate_seconds=args.critical_load_hibernate_seconds,
+        max_lag_millis=args.max_lag_millis,
+        replicas=tuple(ConnectionSettings.from_dsn(r) for r in args.replica),
+        throttle_flag_file=args.throttle_flag_file,
+        postpone_cut_over_flag_file=args.postpone_cut_over_flag_file,
+        panic_flag_file=args.panic_flag_file,
+        cut_over_lock_timeout_seconds=args.cut_over_lock_timeout_seconds,
+        cut_over_max_attempts=args.cut_over_max_attempts,
+        default_retries=args.default_retries,
+        exact_rowcount=args.exact_rowcount,
+        attempt_instant_ddl=args.attempt_instant_ddl,
+        checksum=args.checksum,
+        resume=args.resume,
+        old_table=OldTablePolicy(args.old_table),
+        drop_leftovers=args.drop_leftovers,
+        approve_renamed_columns=args.approve_renamed_columns,
+        approve_lossy_changes=args.approve_lossy_changes,
+        state_schema=args.state_schema,
+        status_interval=args.status_interval,
+    )
+
+
+async def _migrate(spec: MigrationSpec, cancel: bool, quiet: bool) -> int:
+    if cancel:
+        print(await cancel_migration(spec))
+        return 0
+    tty = sys.stderr.isatty() and not quiet
+
+    def say(line: str) -> None:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+        print(line, flush=True)
+
+    def on_progress(progress: Progress) -> None:
+        if not quiet:
+            say(progress.line())
+
+    migration = Migration(spec, on_progress=on_progress, output=say)
+    result_box: list[object] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            try:
+                result_box.append(await migration.run())
+            finally:
+                nursery.cancel_scope.cancel()
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for signum in received:
+                    say(f"received {signal.Signals(signum).name}: stopping cleanly")
+                    result_box.append("interrupted")
+                    nursery.cancel_scope.cancel()
+                    return
+
+        async def bar() -> None:
+            while tty:
+                await trio.sleep(0.5)
+                p = migration.progress()
+                estimate = max(p.rows_estimate, p.rows_copied) or 1
+                filled = int(30 * min(1.0, p.rows_copied / estimate))
+                sys.stderr.write(f"\r\x1b[K[{'#' * filled}{'.' * (30 - filled)}] {p.phase} {p.rows_copied}/{estimate}"
+                                 + (f" eta {p.eta_seconds:.0f}s" if p.eta_seconds else ""))
+                sys.stderr.flush()
+
+        nursery.start_soon(run)
+        nursery.start_soon(signals)
+        nursery.start_soon(bar)
+    if tty:
+        sys.stderr.write("\r\x1b[K")
+    if not result_box or result_box[0] == "interrupted":
+        return 130
+    result = result_box[0]
+    phase = getattr(result, "phase", None)
+    return 0 if phase in (Phase.COMPLETE, Phase.PENDING) else 1
+
+
+async def _schema_version(settings: ConnectionSettings, database: str, table: str | None, state_schema: str) -> int:
+    async with db.Connection(settings.with_database(database)) as connection:
+        await MigrationState.ensure_schema(connection, state_schema)
+        rows = await connection.query(
+            f"SELECT table_name, version_hash, applied_at FROM {db.quote(state_schema)}.schema_versions v "
+            f"WHERE schema_name = %s AND id = (SELECT MAX(id) FROM {db.quote(state_schema)}.schema_versions w "
+            "WHERE w.schema_name = v.schema_name AND w.table_name = v.table_name)"
+            + (" AND table_name = %s" if table else "") + " ORDER BY table_name",
+            (database, table) if table else (database,),
+        )
+        drift = 0
+        if not rows:
+            print(f"no recorded schema versions in `{database}`" + (f" for `{table}`" if table else ""))
+            return 0
+        for name, recorded, applied_at in rows:
+            try:
+                live = await inspector.read_table(connection, database, str(name))
+                live_hash = definition_hash(live.create_sql)
+            except Refusal:
+                live_hash = "(missing)"
+            status = "ok" if live_hash == recorded else "DRIFT"
+            drift += status != "ok"
+            print(f"{name}: recorded {str(recorded)[:12]} at {applied_at}, live {live_hash[:12]}: {status}")
+        return 3 if drift else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command, rest = argv[0], list(argv[1:])
+    if command == "schema-version":
+        parser = argparse.ArgumentParser(prog="tidegate schema-version",
+                                         description="compare live table definitions with recorded versions (exit 3 on drift)")
+        _connection_arguments(parser)
+        parser.add_argument("--table", "-t")
+        args = parser.parse_args(rest)
+        settings, database = _settings(args)
+        if not database:
+            parser.error("--database is required")
+        try:
+            return trio.run(_schema_version, settings, database, args.table, args.state_schema)
+        except db.DatabaseError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    parser = migrate_parser()
+    args = parser.parse_args(rest)
+    try:
+        spec = spec_from_args(args)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_migrate, spec, args.cancel, args.quiet)
+    except Refusal as refusal:
+        print(f"refused: {refusal}", file=sys.stderr)
+        return 4
+    except MigrationFailed as error:
+        print(f"failed: {error}", file=sys.stderr)
+        return 1
+    except db.DatabaseError as error:
+        print(f"database error: {error}", file=sys.stderr)
+        return 1

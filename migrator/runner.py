@@ -1,0 +1,769 @@
+"""The migration, told as a linear story.
+
+preflight → ghost table → (instant?) → binlog from the current GTID → keyset
+copy with the applier always first → checksum in a snapshot → ready /
+postponed → cut-over attempts → cleanup and schema version.
+
+Embedding (the sidecar)::
+
+    migration = Migration(spec, gate=my_gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(migration.run)
+        migration.progress()           # snapshot at any time
+        migration.throttle("peak")     # / migration.throttle(None)
+        migration.postpone(True)       # hold before cut-over / postpone(False)
+        migration.cancel()             # drop the ghost, original untouched
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from migrator import db, inspector
+from migrator.applier import Applier
+from migrator.binlog import BinlogItem, BinlogStreamer
+from migrator.checksum import Checksummer
+from migrator.chunker import ChunkSizer, compare, compare_args
+from migrator.cutover import SENTRY_COMMENT, CutOver, NoGate, Outcome, TrafficGate
+from migrator.db import Connection, DatabaseError, qualified, quote
+from migrator.inspector import Plan, Refusal, TableSchema
+from migrator.spec import MigrationSpec, OldTablePolicy
+from migrator.state import RESUMABLE, Checkpoint, MigrationState, Phase, record_schema_version
+from migrator.throttler import Throttle
+
+log = logging.getLogger("tidegate.migrator.runner")
+
+
+class MigrationFailed(RuntimeError):
+    pass
+
+
+class ChecksumMismatch(MigrationFailed):
+    pass
+
+
+@dataclass
+class Progress:
+    phase: str = Phase.PENDING.value
+    migration_id: int | None = None
+    rows_copied: int = 0
+    rows_estimate: int = 0
+    rows_per_second: float = 0.0
+    eta_seconds: float | None = None
+    binlog_lag_seconds: float = 0.0
+    pending_keys: int = 0
+    keys_applied: int = 0
+    chunk_size: int = 0
+    throttle_reason: str | None = None
+    postponed: bool = False
+    cut_over_attempts: int = 0
+    elapsed_seconds: float = 0.0
+    message: str = ""
+
+    def line(self) -> str:
+        estimate = max(self.rows_estimate, self.rows_copied)
+        percent = 100.0 * self.rows_copied / estimate if estimate else 100.0
+        eta = f"{self.eta_seconds:.0f}s" if self.eta_seconds is not None else "-"
+        parts = [
+            f"[{self.phase}]",
+            f"copied {self.rows_copied}/{estimate} ({percent:.1f}%)",
+            f"{self.rows_per_second:.0f} rows/s",
+            f"binlog lag {self.binlog_lag_seconds * 1000:.0f}ms",
+            f"pending {self.pending_keys}",
+            f"applied {self.keys_applied}",
+            f"eta {eta}",
+            f"elapsed {self.elapsed_seconds:.1f}s",
+        ]
+        if self.throttle_reason:
+            parts.append(f"throttled: {self.throttle_reason}")
+        if self.postponed:
+            parts.append("cut-over postponed")
+        return " ".join(parts)
+
+
+@dataclass
+class Result:
+    phase: Phase
+    migration_id: int | None
+    instant: bool = False
+    rows_copied: int = 0
+    seconds: float = 0.0
+    cut_over_attempts: int = 0
+    plan: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+class _Heartbeat:
+    """Writes a numbered heartbeat to the changelog; lag = age of the oldest unseen one."""
+
+    def __init__(self, connection: Connection, changelog: str, interval: float) -> None:
+        self._connection = connection
+        self._changelog = changelog
+        self._interval = interval
+        self._sent: dict[int, float] = {}
+        self._seq = 0
+
+    async def run(self) -> None:
+        while True:
+            self._seq += 1
+            self._sent[self._seq] = trio.current_time()
+            self._sent.pop(self._seq - 1000, None)
+            try:
+                await self._connection.execute(
+                    f"INSERT INTO {self._changelog} (id, hint, value) VALUES (1, 'heartbeat', CONCAT(%s, ' ', UTC_TIMESTAMP(6))) "
+                    "ON DUPLICATE KEY UPDATE value = VALUES(value)",
+                    (self._seq,),
+                )
+            except DatabaseError as error:
+                if not error.retryable:
+                    raise
+            await trio.sleep(self._interval)
+
+    def lag(self, seen: str | None) -> float:
+        seen_seq = 0
+        if seen:
+            with contextlib.suppress(ValueError):
+                seen_seq = int(seen.split(" ", 1)[0])
+        sent = self._sent.get(seen_seq + 1)
+        return max(0.0, trio.current_time() - sent) if sent is not None else 0.0
+
+
+class Migration:
+    def __init__(
+        self,
+        spec: MigrationSpec,
+        *,
+        gate: TrafficGate | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        output: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.gate: TrafficGate = gate or NoGate()
+        self._on_progress = on_progress
+        self._output = output or (lambda line: log.info("%s", line))
+        self._progress = Progress()
+        self._state: MigrationState | None = None
+        self._throttle: Throttle | None = None
+        self._manual_throttle: str | None = None
+        self._postponed_manual = False
+        self._postpone_changed = trio.Event()
+        self._cancel_requested = False
+        self._cancel_scope: trio.CancelScope | None = None
+        self._started = 0.0
+        self._copy_started = 0.0
+        self._rows_copied = 0
+        self._applier: Applier | None = None
+        self._heartbeat: _Heartbeat | None = None
+        self._sizer: ChunkSizer | None = None
+
+    # -- runtime control (from the embedding process or the CLI) --------------------
+
+    def progress(self) -> Progress:
+        p = self._progress
+        if self._state is not None:
+            p.phase = self._state.phase.value
+            p.migration_id = self._state.id
+        p.rows_copied = self._rows_copied
+        p.elapsed_seconds = time.monotonic() - self._started if self._started else 0.0
+        copy_time = time.monotonic() - self._copy_started if self._copy_started else 0.0
+        p.rows_per_second = self._rows_copied / copy_time if copy_time > 0 else 0.0
+        remaining = max(0, p.rows_estimate - self._rows_copied)
+        p.eta_seconds = remaining / p.rows_per_second if p.rows_per_second > 0 else None
+        if self._applier is not None:
+            p.pending_keys = len(self._applier.pending)
+            p.keys_applied = self._applier.rows_applied
+            if self._heartbeat is not None:
+                p.binlog_lag_seconds = self._heartbeat.lag(self._applier.last_heartbeat)
+        p.throttle_reason = self._throttle.reason if self._throttle is not None else self._manual_throttle
+        p.postponed = self._postponed()
+        p.chunk_size = self._sizer.size if self._sizer else 0
+        return p
+
+    def throttle(self, reason: str | None) -> None:
+        self._manual_throttle = reason
+        if self._throttle is not None:
+            self._throttle.set_manual(reason)
+
+    def postpone(self, on: bool) -> None:
+        self._postponed_manual = on
+        self._postpone_changed.set()
+        self._postpone_changed = trio.Event()
+
+    def cancel(self) -> None:
+        """Abandon the migration: ghost dropped, original untouched."""
+        self._cancel_requested = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _postponed(self) -> bool:
+        flag = self.spec.postpone_cut_over_flag_file
+        return self._postponed_manual or (flag is not None and flag.exists())
+
+    def _say(self, line: str) -> None:
+        self._output(line)
+
+    # -- the story ------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        spec = self.spec
+        self._started = time.monotonic()
+        control = await db.connect(spec.settings)
+        try:
+            return await self._run(control)
+        finally:
+            await control.close()
+
+    async def _preflight(self, control: Connection) -> TableSchema:
+        spec = self.spec
+        facts = await inspector.server_facts(control)
+        inspector.check_binlog(facts)
+        await inspector.check_privileges(control, spec.database, spec.state_schema)
+        original = await inspector.read_table(control, spec.database, spec.table)
+        inspector.check_table(original)
+        return original
+
+    async def _leftovers(self, control: Connection) -> list[str]:
+        spec = self.spec
+        found = []
+        for name in (spec.ghost_table, spec.changelog_table, spec.old_table_name):
+            if await inspector.table_exists(control, spec.database, name):
+                found.append(name)
+        return found
+
+    async def _drop_helpers(self, control: Connection, *, include_old: bool) -> None:
+        spec = self.spec
+        cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
+        await cut.drop_triggers(control)
+        names = [spec.ghost_table, spec.changelog_table]
+        if include_old:
+            names.append(spec.old_table_name)
+        else:
+            await cut.drop_sentry(control)
+        for name in names:
+            await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, name)}")
+
+    async def _create_ghost(self, control: Connection, original: TableSchema) -> tuple[TableSchema, Plan]:
+        spec = self.spec
+        ghost = qualified(spec.database, spec.ghost_table)
+        await control.execute_many(
+            [
+                (f"CREATE TABLE {ghost} LIKE {qualified(spec.database, spec.table)}", None),
+            ]
+        )
+        try:
+            await control.execute(f"ALTER TABLE {ghost} {spec.alter_facts.clause}")
+        except DatabaseError as error:
+            await control.execute(f"DROP TABLE IF EXISTS {ghost}")
+            raise Refusal("alter-invalid", f"the server rejected the change on the ghost table: {error}") from error
+        ghost_schema = await inspector.read_table(control, spec.database, spec.ghost_table)
+        try:
+            plan = inspector.plan_migration(spec, original, ghost_schema)
+        except Refusal:
+            await control.execute(f"DROP TABLE IF EXISTS {ghost}")
+            raise
+        return ghost_schema, plan
+
+    async def _run(self, control: Connection) -> Result:
+        spec = self.spec
+        original = await self._preflight(control)
+        await MigrationState.ensure_schema(control, spec.state_schema)
+        previous = await MigrationState.latest(control, spec.state_schema, spec.database, spec.table)
+
+        if spec.resume:
+            if previous is None or previous.phase not in RESUMABLE:
+                raise Refusal(
+                    "nothing-to-resume",
+                    f"no interrupted migration of `{spec.database}`.`{spec.table}` to resume"
+                    + (f" (latest is #{previous.id}, {previous.phase.value})" if previous else ""),
+                )
+            self._state = previous
+            return await self._resume(control, original)
+
+        if previous is not None and previous.phase in RESUMABLE:
+            raise Refusal(
+                "migration-in-progress",
+                f"migration #{previous.id} of this table is {previous.phase.value}; "
+                "continue it with --resume or abandon it with --cancel",
+            )
+        leftovers = await self._leftovers(control)
+        if leftovers:
+            if not spec.drop_leftovers:
+                raise Refusal(
+                    "leftover-tables",
+                    f"helper tables from an earlier run exist: {', '.join(leftovers)}; "
+                    "drop them or pass --drop-leftovers",
+                )
+            await self._drop_helpers(control, include_old=True)
+
+        rows_estimate = await inspector.estimate_rows(control, spec.database, spec.table, spec.exact_rowcount)
+        _ghost_schema, plan = await self._create_ghost(control, original)
+        plan_lines = [
+            f"migrate `{spec.database}`.`{spec.table}`: {spec.alter_facts.clause}",
+            f"rows (estimate{'=exact' if spec.exact_rowcount else ''}): {rows_estimate}",
+            "algorithm: " + ("INSTANT if the server can, else ghost copy" if spec.attempt_instant_ddl else "ghost copy"),
+            *plan.describe(),
+        ]
+        if not spec.execute:
+            await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.ghost_table)}")
+            for line in plan_lines:
+                self._say(line)
+            self._say("dry run: nothing changed; add --execute to migrate")
+            return Result(Phase.PENDING, None, plan=plan_lines, message="dry run")
+
+        for line in plan_lines:
+            self._say(line)
+        options = {k: v for k, v in vars(spec).items() if k not in ("connection", "replicas")}
+        self._state = await MigrationState.create(control, spec.state_schema, spec.database, spec.table, spec.alter, options)
+        await self._state.transition(Phase.VALIDATING)
+        await self._state.save_estimate(rows_estimate)
+        self._progress.rows_estimate = rows_estimate
+
+        if spec.attempt_instant_ddl and await self._try_instant(control):
+            await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.ghost_table)}")
+            await self._record_version(control)
+            await self._state.transition(Phase.COMPLETE, "applied with ALGORITHM=INSTANT")
+            self._say("done: applied with ALGORITHM=INSTANT (no copy)")
+            return Result(Phase.COMPLETE, self._state.id, instant=True, plan=plan_lines,
+                          seconds=time.monotonic() - self._started, message="instant")
+
+        changelog = qualified(spec.database, spec.changelog_table)
+        await control.execute(
+            f"CREATE TABLE {changelog} (id INT NOT NULL PRIMARY KEY, hint VARCHAR(64) NOT NULL, "
+            "value VARCHAR(255) NOT NULL, UNIQUE KEY hint (hint)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+        )
+        # The binlog position is taken before the copy starts: every change after
+        # it reaches the ghost through the applier.
+        gtid = str((await control.query("SELECT @@gtid_binlog_pos"))[0][0] or "")
+        key_list = ", ".join(quote(c) for c in plan.key_columns)
+        upper_rows = await control.query(
+            f"SELECT {key_list} FROM {qualified(spec.database, spec.table)} ORDER BY "
+            + ", ".join(f"{quote(c)} DESC" for c in plan.key_columns)
+            + " LIMIT 1"
+        )
+        upper = tuple(upper_rows[0]) if upper_rows else None
+        await self._state.transition(Phase.COPYING)
+        await self._state.save_checkpoint(Checkpoint(None, upper, gtid, 0))
+        return await self._migrate(control, original, plan, plan_lines)
+
+    async def _try_instant(self, control: Connection) -> bool:
+        spec = self.spec
+        timeout = max(1, round(spec.cut_over_lock_timeout_seconds))
+        for attempt in range(1, 4):
+            try:
+                await control.execute_many(
+                    [
+                        (f"SET SESSION lock_wait_timeout = {timeout}", None),
+                        (f"ALTER TABLE {qualified(spec.database, spec.table)} {spec.alter_facts.clause}, ALGORITHM=INSTANT", None),
+                    ]
+                )
+                return True
+            except DatabaseError as error:
+                if error.code in (db.ER_ALTER_OPERATION_NOT_SUPPORTED, db.ER_ALTER_OPERATION_NOT_SUPPORTED_REASON):
+                    self._say(f"INSTANT not possible ({error.message}); migrating through a ghost table")
+                    return False
+                if error.code == db.ER_LOCK_WAIT_TIMEOUT:
+                    self._say(f"INSTANT attempt {attempt}: metadata lock not granted in {timeout}s")
+                    await trio.sleep(0.5 * attempt)
+                    continue
+                raise
+            finally:
+                with contextlib.suppress(DatabaseError):
+                    await control.execute("SET SESSION lock_wait_timeout = DEFAULT")
+        self._say("INSTANT: table too busy for its metadata lock; migrating through a ghost table")
+        return False
+
+    async def _resume(self, control: Connection, original: TableSchema) -> Result:
+        spec = self.spec
+        state = self._state
+        assert state is not None
+        self._say(f"resuming migration #{state.id} from {state.phase.value}")
+        # A cut-over may have been interrupted: triggers and sentry go first.
+        cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
+        await cut.drop_triggers(control)
+        await cut.drop_sentry(control)
+        ghost_exists = await inspector.table_exists(control, spec.database, spec.ghost_table)
+        old_exists = await inspector.table_exists(control, spec.database, spec.old_table_name)
+        if not ghost_exists and old_exists and state.phase == Phase.CUTTING_OVER:
+            self._say("the rename had completed before the interruption; finishing")
+            await self._finish(control)
+            return Result(Phase.COMPLETE, state.id, seconds=time.monotonic() - self._started, message="completed on resume")
+        checkpoint = state.record.checkpoint
+        if not ghost_exists or checkpoint.binlog_gtid is None or state.phase == Phase.VALIDATING:
+            await self._drop_helpers(control, include_old=False)
+            await state.transition(Phase.FAILED, "nothing to resume from (no ghost or checkpoint); start again")
+            raise MigrationFailed(f"migration #{state.id} cannot resume: no ghost table or checkpoint; run it again")
+        ghost_schema = await inspector.read_table(control, spec.database, spec.ghost_table)
+        plan = inspector.plan_migration(spec, original, ghost_schema)
+        self._progress.rows_estimate = state.record.rows_estimate
+        self._rows_copied = checkpoint.rows_copied
+        if state.phase in (Phase.CUTTING_OVER, Phase.POSTPONED):
+            await state.transition(Phase.READY, "resumed")
+        if state.phase == Phase.READY:
+            await state.transition(Phase.VERIFYING, "resumed")
+        return await self._migrate(control, original, plan, plan.describe())
+
+    # -- the ghost migration ------------------------------------------------------------
+
+    async def _migrate(self, control: Connection, original: TableSchema, plan: Plan, plan_lines: list[str]) -> Result:
+        spec = self.spec
+        state = self._state
+        assert state is not None
+        charset = original.charset if original.charset in ("utf8mb4", "utf8mb3", "utf8", "latin1", "ascii", "binary") else "utf8mb4"
+        table_settings = spec.settings.with_charset(charset)
+        checkpoint = state.record.checkpoint
+        applier = Applier(plan, spec.database, spec.table, spec.ghost_table)
+        applier.received_gtid = applier.applied_gtid = checkpoint.binlog_gtid
+        self._applier = applier
+        checksummer = Checksummer(plan, spec.database, spec.table, spec.ghost_table) if spec.checksum else None
+        cut = CutOver(spec, plan, applier, checksummer)
+        streamer = BinlogStreamer(
+            spec.settings, spec.database, spec.table, spec.changelog_table, plan.key_columns,
+            checkpoint.binlog_gtid or "", server_id=random.randrange(1 << 20, 1 << 31),
+        )
+        connections: list[Connection] = []
+
+        async def open_connection(settings: db.ConnectionSettings = table_settings) -> Connection:
+            connection = await db.connect(settings)
+            connections.append(connection)
+            return connection
+
+        try:
+            writer = await open_connection()
+            heartbeat_connection = await open_connection(spec.settings)
+            throttle_connection = await open_connection(spec.settings)
+            replicas = [await open_connection(r.with_database(spec.database)) for r in spec.replicas]
+            self._heartbeat = _Heartbeat(heartbeat_connection, qualified(spec.database, spec.changelog_table), spec.heartbeat_interval)
+            heartbeat = self._heartbeat
+            self._throttle = Throttle(
+                throttle_connection,
+                max_load=spec.max_load,
+                critical_load=spec.critical_load,
+                critical_load_hibernate_seconds=spec.critical_load_hibernate_seconds,
+                flag_file=spec.throttle_flag_file,
+                replicas=replicas,
+                changelog=(spec.database, spec.changelog_table),
+                max_lag_millis=spec.max_lag_millis,
+                binlog_lag=lambda: heartbeat.lag(applier.last_heartbeat),
+                interval=spec.flag_poll_interval,
+            )
+            self._throttle.set_manual(self._manual_throttle)
+            send, receive = trio.open_memory_channel[BinlogItem](64)
+            result: Result | None = None
+            with trio.CancelScope() as scope:
+                self._cancel_scope = scope
+                if self._cancel_requested:
+                    scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(streamer.run, send)
+                    nursery.start_soon(applier.consume, receive)
+                    nursery.start_soon(heartbeat.run)
+                    nursery.start_soon(self._watch_flags, nursery.cancel_scope)
+                    await nursery.start(self._throttle.run)
+                    nursery.start_soon(self._report)
+                    result = await self._story(control, writer, cut, checksummer, applier, open_connection, plan_lines)
+                    nursery.cancel_scope.cancel()
+            if scope.cancelled_caught and result is None:
+                # Cancelled from outside the nursery (cancel request or panic flag).
+                return await self._cancelled(control)
+            assert result is not None
+            await self._finish(control)
+            result.seconds = time.monotonic() - self._started
+            return result
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                await self._on_error(control, error)
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                for connection in connections:
+                    await connection.close()
+
+    async def _on_error(self, control: Connection, error: BaseException) -> None:
+        state = self._state
+        if state is None or state.phase.terminal:
+            return
+        with contextlib.suppress(Exception):
+            cut = CutOver(self.spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, self.spec.database, self.spec.table, self.spec.ghost_table), None)
+            await cut.drop_triggers(control)
+            await cut.drop_sentry(control)
+        if isinstance(error, trio.Cancelled | KeyboardInterrupt):
+            self._say(f"interrupted in {state.phase.value}; continue with --resume, or abandon with --cancel")
+            return
+        with contextlib.suppress(Exception):
+            await state.transition(Phase.FAILED, f"{type(error).__name__}: {error}"[:2000])
+
+    async def _cancelled(self, control: Connection) -> Result:
+        state = self._state
+        assert state is not None
+        with trio.CancelScope(shield=True):
+            await self._drop_helpers(control, include_old=False)
+            if not state.phase.terminal:
+                await state.transition(Phase.CANCELLED, "cancelled (panic flag or request); ghost dropped")
+        self._say("cancelled: ghost table dropped, original untouched")
+        return Result(Phase.CANCELLED, state.id, rows_copied=self._rows_copied,
+                      seconds=time.monotonic() - self._started, message="cancelled")
+
+    async def _watch_flags(self, scope: trio.CancelScope) -> None:
+        flag = self.spec.panic_flag_file
+        while True:
+            if flag is not None and flag.exists():
+                self._say(f"panic flag {flag} found: cancelling")
+                self.cancel()
+                return
+            await trio.sleep(self.spec.flag_poll_interval)
+
+    async def _report(self) -> None:
+        while True:
+            await trio.sleep(self.spec.status_interval)
+            progress = self.progress()
+            if self._on_progress is not None:
+                self._on_progress(progress)
+            else:
+                self._say(progress.line())
+
+    async def _story(
+        self,
+        control: Connection,
+        writer: Connection,
+        cut: CutOver,
+        checksummer: Checksummer | None,
+        applier: Applier,
+        open_connection: Callable[..., Any],
+        plan_lines: list[str],
+    ) -> Result:
+        spec = self.spec
+        state = self._state
+        assert state is not None
+        if state.phase == Phase.COPYING:
+            await self._copy(writer, applier, cut)
+            await state.transition(Phase.VERIFYING)
+        async with trio.open_nursery() as background:
+            background.start_soon(self._keep_applying, writer, applier)
+            if checksummer is not None:
+                await self._verify(cut, checksummer, open_connection)
+            else:
+                applier.tracking = None
+            await state.transition(Phase.READY)
+            locker = await open_connection()
+            renamer = await open_connection()
+            cleaner = await open_connection()
+            attempts = 0
+            backoff = 0.25
+            while True:
+                if self._postponed():
+                    await state.transition(Phase.POSTPONED, "postpone flag present")
+                    self._say("cut-over postponed; remove the flag (or call postpone(False)) to proceed")
+                    while self._postponed():
+                        with trio.move_on_after(self.spec.flag_poll_interval):
+                            await self._postpone_changed.wait()
+                    await state.transition(Phase.READY, "postpone lifted")
+                await self._wait_caught_up(applier)
+                held = await self.gate.hold(
+                    spec.database, spec.table,
+                    drain_timeout=spec.cut_over_lock_timeout_seconds,
+                    hold_timeout=spec.cut_over_lock_timeout_seconds * 3,
+                )
+                if not held:
+                    self._say("traffic gate said not now; retrying")
+                    await trio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+                    continue
+                attempts += 1
+                self._progress.cut_over_attempts = attempts
+                await state.count_cut_over_attempt()
+                await state.transition(Phase.CUTTING_OVER, f"attempt {attempts}")
+                try:
+                    if not locker.connected:
+                        await locker.connect()
+                    result = await cut.attempt(locker, renamer, cleaner, applier.tracking)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.gate.release(spec.database, spec.table)
+                if result.outcome == Outcome.DONE:
+                    self._say(f"cut-over done on attempt {attempts} (table held {result.hold_seconds * 1000:.0f}ms)")
+                    break
+                await state.transition(Phase.READY, f"cut-over attempt {attempts} rolled back: {result.reason}")
+                self._say(f"cut-over attempt {attempts} rolled back ({result.reason}); retry in {backoff:.2f}s")
+                if attempts >= spec.cut_over_max_attempts:
+                    raise MigrationFailed(f"cut-over failed {attempts} times; last: {result.reason}")
+                await trio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+            background.cancel_scope.cancel()
+        return Result(
+            Phase.COMPLETE, state.id, rows_copied=self._rows_copied,
+            seconds=time.monotonic() - self._started, cut_over_attempts=attempts, plan=plan_lines,
+        )
+
+    async def _finish(self, control: Connection) -> None:
+        spec = self.spec
+        state = self._state
+        assert state is not None
+        cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
+        await cut.drop_triggers(control)
+        await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.changelog_table)}")
+        if spec.old_table == OldTablePolicy.DROP:
+            await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.old_table_name)}")
+        await self._record_version(control)
+        await state.transition(Phase.COMPLETE)
+        self._say(f"done: `{spec.database}`.`{spec.table}` migrated" + (
+            f"; old table kept as `{spec.old_table_name}`" if spec.old_table == OldTablePolicy.KEEP else ""))
+
+    async def _record_version(self, control: Connection) -> None:
+        spec = self.spec
+        table = await inspector.read_table(control, spec.database, spec.table)
+        await record_schema_version(
+            control, spec.state_schema, spec.database, spec.table, table.create_sql, spec.alter,
+            self._state.id if self._state else None,
+        )
+
+    async def _wait_caught_up(self, applier: Applier) -> None:
+        """Before taking the lock: the binlog is near the head and little is pending."""
+        with trio.move_on_after(30):
+            while len(applier.pending) > 1000 or (self._heartbeat and self._heartbeat.lag(applier.last_heartbeat) > 0.5):
+                await trio.sleep(0.05)
+
+    async def _keep_applying(self, writer: Connection, applier: Applier) -> None:
+        state = self._state
+        assert state is not None
+        last_checkpoint = trio.current_time()
+        while True:
+            await applier.flush(writer)
+            now = trio.current_time()
+            if now - last_checkpoint > 1.0 and applier.applied_gtid:
+                cp = state.record.checkpoint
+                await state.save_checkpoint(Checkpoint(cp.copy_watermark, cp.copy_upper, applier.applied_gtid, self._rows_copied))
+                last_checkpoint = now
+            await trio.sleep(0.01)
+
+    async def _copy(self, writer: Connection, applier: Applier, cut: CutOver) -> None:
+        spec = self.spec
+        state = self._state
+        assert state is not None and self._throttle is not None
+        plan = cut.plan
+        checkpoint = state.record.checkpoint
+        upper = checkpoint.copy_upper
+        watermark = checkpoint.copy_watermark
+        self._sizer = ChunkSizer(spec.chunk_size, spec.chunk_time, spec.min_chunk_size, spec.max_chunk_size)
+        sizer = self._sizer
+        original = qualified(spec.database, spec.table)
+        key_list = ", ".join(quote(c) for c in plan.key_columns)
+        replace_prefix = cut.applier.statements  # for typing clarity only
+        del replace_prefix
+        from migrator.applier import copy_select
+
+        replace_sql, _ = copy_select(plan, spec.database, spec.table, spec.ghost_table)
+        force = f"FORCE INDEX ({quote(plan.key_name)})"
+        upper_clause = compare(plan.key_columns, "<=")
+        self._copy_started = time.monotonic()
+        rows_at_start = self._rows_copied
+        while upper is not None and watermark != upper:
+            await applier.flush(writer)
+            while self._throttle.reason is not None:
+                with trio.move_on_after(0.05):
+                    await self._throttle.wait_until_clear()
+                await applier.flush(writer)
+            size = sizer.size
+            lower_clause = compare(plan.key_columns, ">") if watermark is not None else "TRUE"
+            lower_args = compare_args(watermark) if watermark is not None else []
+            upper_args = compare_args(upper)
+            where = f"{lower_clause} AND {upper_clause}"
+            boundary_sql = (
+                f"SELECT {key_list} FROM {original} {force} WHERE {where} ORDER BY {key_list} LIMIT 1 OFFSET {size - 1}"
+            )
+            current_upper = upper
+
+            def work(cursor: Any, where: str = where, lower_args: list[Any] = lower_args,
+                     upper_args: list[Any] = upper_args, boundary_sql: str = boundary_sql,
+                     current_upper: tuple[Any, ...] = current_upper) -> tuple[tuple[Any, ...], int, float]:
+                started = time.monotonic()
+                cursor.execute(boundary_sql, [*lower_args, *upper_args])
+                found = cursor.fetchall()
+                high = tuple(found[0]) if found else current_upper
+                chunk_where = f"{compare(plan.key_columns, '>') if lower_args else 'TRUE'} AND {upper_clause}"
+                rows = cursor.execute(
+                    f"{replace_sql} {force} WHERE {chunk_where}", [*lower_args, *compare_args(high)]
+                )
+                return high, int(rows), time.monotonic() - started
+
+            async def copy_chunk(work: Callable[[Any], tuple[tuple[Any, ...], int, float]] = work) -> tuple[tuple[Any, ...], int, float]:
+                return await writer.run(work)
+
+            high, rows, seconds = await db.with_retries(copy_chunk, retries=spec.default_retries, what="copy chunk")
+            sizer.record(min(rows, size), seconds)
+            self._rows_copied += min(rows, size)
+            watermark = high
+            await state.save_checkpoint(Checkpoint(watermark, upper, applier.applied_gtid, self._rows_copied))
+        await applier.flush(writer)
+        log.info("copy done: %d rows", self._rows_copied - rows_at_start)
+
+    async def _verify(self, cut: CutOver, checksummer: Checksummer, open_connection: Callable[..., Any]) -> None:
+        """Checksum in a consistent snapshot taken while writes were stopped."""
+        spec = self.spec
+        locker: Connection = await open_connection()
+        snapshot: Connection = await open_connection()
+        await snapshot.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._wait_caught_up(cut.applier)
+            await cut.applier.pause()
+            locked = False
+            try:
+                await cut.lock_and_catch_up(locker, with_sentry=False)
+                locked = True
+                await snapshot.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+                cut.applier.tracking = set()
+                break
+            except (DatabaseError, trio.TooSlowError) as error:
+                if isinstance(error, DatabaseError) and error.code not in db.RETRY_CODES:
+                    raise
+                if attempt > spec.cut_over_max_attempts:
+                    raise MigrationFailed(f"could not stop writes for the checksum snapshot: {error}") from error
+                self._say(f"checksum snapshot attempt {attempt} did not get the lock ({error}); retrying")
+            finally:
+                with trio.CancelScope(shield=True):
+                    if locked or True:
+                        with contextlib.suppress(DatabaseError):
+                            await locker.execute("UNLOCK TABLES")
+                    cut.applier.paused = False
+            await trio.sleep(min(5.0, 0.25 * attempt))
+        try:
+            mismatches, rows = await checksummer.compare_table(snapshot)
+            details = []
+            for mismatch in mismatches[:5]:
+                keys = await checksummer.differing_keys(snapshot, mismatch)
+                details.append(f"{mismatch.describe()} keys {keys!r}")
+        finally:
+            with contextlib.suppress(DatabaseError):
+                await snapshot.execute("COMMIT")
+        if mismatches:
+            raise ChecksumMismatch(f"checksum: {len(mismatches)} ranges differ: " + "; ".join(details))
+        self._say(f"checksum ok: {rows} rows equal over {len(checksummer.plan.compared)} columns")
+
+
+_EMPTY_PLAN = Plan((), (), (), (), "PRIMARY", (), (), {}, ())
+
+
+async def cancel_migration(spec: MigrationSpec) -> str:
+    """``--cancel``: abandon the latest unfinished migration of the table."""
+    async with db.Connection(spec.settings) as control:
+        await MigrationState.ensure_schema(control, spec.state_schema)
+        state = await MigrationState.latest(control, spec.state_schema, spec.database, spec.table)
+        migration = Migration(spec)
+        migration._state = state
+        await migration._drop_helpers(control, include_old=False)
+        if state is not None and not state.phase.terminal:
+            await state.transition(Phase.CANCELLED, "cancelled by request")
+            return f"migration #{state.id} cancelled; ghost dropped"
+        return "no unfinished migration; helper tables dropped"
+
+
+__all__ = ["SENTRY_COMMENT", "Migration", "MigrationFailed", "Progress", "Result", "cancel_migration"]
