@@ -1,0 +1,195 @@
+"""Cut-over under a conflicting lock, postpone, panic, kill -9 and resume, schema versions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from migrator.runner import Migration
+from migrator.state import Phase
+from proxy import sandbox
+from tests.migrator.conftest import assert_same, create_pair, make_spec
+
+
+def phase_of(primary: sandbox.Instance, database: str) -> tuple[str, int] | None:
+    if not primary.execute("SHOW TABLES FROM mysql LIKE 'user'") or not primary.execute(
+        "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = '_tidegate' AND TABLE_NAME = 'migrations'"
+    ):
+        return None
+    rows = primary.execute(
+        "SELECT phase, rows_copied FROM _tidegate.migrations WHERE schema_name = %s ORDER BY id DESC LIMIT 1"
+        .replace("%s", f"'{database}'")
+    )
+    return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+
+async def wait_phase(primary: sandbox.Instance, database: str, phases: set[str], timeout: float = 60) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            found = await trio.to_thread.run_sync(phase_of, primary, database)
+            if found and found[0] in phases:
+                return found[0]
+            await trio.sleep(0.05)
+
+
+async def test_conflicting_lock_then_retry(primary: sandbox.Instance, database: str, workload_factory) -> None:
+    create_pair(primary, database, rows=2000, seed=3)
+    workload = workload_factory(database, key_space=7000, threads=2)
+    workload.start()
+    migration = Migration(make_spec(primary, database, "ADD COLUMN extra INT NULL", cut_over_lock_timeout_seconds=1))
+    migration.postpone(True)
+    blocker = primary.connect(database=database, autocommit=False)
+    async with trio.open_nursery() as nursery:
+        outcome: list[object] = []
+
+        async def run() -> None:
+            outcome.append(await migration.run())
+
+        nursery.start_soon(run)
+        await wait_phase(primary, database, {"postponed"})
+        assert primary.execute(f"SHOW TABLES FROM `{database}` LIKE '_t_gho'")
+        # Another session holds a metadata lock on t (an open transaction that read it).
+        await trio.to_thread.run_sync(lambda: blocker.cursor().execute("SELECT COUNT(*) FROM t"))
+        migration.postpone(False)
+        await trio.sleep(2.5)
+        assert migration.progress().cut_over_attempts >= 2
+        assert not outcome  # still trying: the blocker is there
+        await trio.to_thread.run_sync(blocker.commit)
+    await trio.to_thread.run_sync(workload.finish)
+    blocker.close()
+    result = outcome[0]
+    assert result.phase == Phase.COMPLETE
+    assert workload.unexpected == []
+    assert_same(primary, database)
+
+
+async def test_postpone_flag_file(primary: sandbox.Instance, database: str, tmp_path: Path) -> None:
+    create_pair(primary, database, rows=500, seed=4)
+    flag = tmp_path / "postpone"
+    flag.touch()
+    migration = Migration(make_spec(primary, database, "ADD COLUMN extra INT NULL", postpone_cut_over_flag_file=flag))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(migration.run)
+        await wait_phase(primary, database, {"postponed"})
+        await trio.sleep(0.5)
+        assert migration.progress().postponed
+        assert len(primary.execute(f"SHOW COLUMNS FROM `{database}`.t")) == 15  # not swapped yet
+        flag.unlink()
+    assert len(primary.execute(f"SHOW COLUMNS FROM `{database}`.t")) == 16
+    assert_same(primary, database)
+
+
+async def test_panic_flag_cancels(primary: sandbox.Instance, database: str, tmp_path: Path) -> None:
+    create_pair(primary, database, rows=3000, seed=5)
+    panic, throttle = tmp_path / "panic", tmp_path / "throttle"
+    throttle.touch()  # keep it copying
+    migration = Migration(make_spec(primary, database, "ADD COLUMN extra INT NULL", panic_flag_file=panic,
+                                    throttle_flag_file=throttle))
+    async with trio.open_nursery() as nursery:
+        results: list[object] = []
+
+        async def run() -> None:
+            results.append(await migration.run())
+
+        nursery.start_soon(run)
+        await wait_phase(primary, database, {"copying"})
+        await trio.sleep(0.3)
+        assert migration.progress().throttle_reason
+        panic.touch()
+    assert results[0].phase == Phase.CANCELLED
+    assert primary.execute(f"SHOW TABLES FROM `{database}`") == [("control",), ("t",)]
+    assert_same(primary, database)
+
+
+def migrate_command(primary: sandbox.Instance, database: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-c", "import sys; from migrator.cli import main; sys.exit(main(sys.argv[1:]))",
+        "migrate", "--host", primary.host, "--port", str(primary.port), "--user", primary.user,
+        "--password", primary.password, "--database", database, "--table", "t",
+        "--chunk-size", "100", "--chunk-time", "0.02", "--attempt-instant-ddl", "off",
+        "--cut-over-lock-timeout-seconds", "1", "--status-interval", "1", "-q", *extra,
+    ]
+
+
+async def test_kill9_during_copy_and_cut_over_then_resume(
+    primary: sandbox.Instance, database: str, tmp_path: Path, workload_factory
+) -> None:
+    create_pair(primary, database, rows=6000, seed=6)
+    workload = workload_factory(database, key_space=20000, threads=2)
+    workload.start()
+    throttle = tmp_path / "throttle"
+    throttle.touch()
+    alter = "ADD COLUMN extra VARCHAR(8) NOT NULL DEFAULT 'z'"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    process = subprocess.Popen(
+        migrate_command(primary, database, "--alter", alter, "--execute", "--throttle-flag-file", str(throttle)),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_phase(primary, database, {"copying"})
+        throttle.unlink()
+        with trio.fail_after(60):
+            while True:
+                found = phase_of(primary, database)
+                if found and found[1] > 0:
+                    break
+        throttle.touch()
+        await trio.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    copied_before = phase_of(primary, database)
+    assert copied_before is not None and copied_before[0] == "copying"
+    throttle.unlink()
+    # Resume, and kill it again while a cut-over attempt waits on a conflicting lock.
+    postpone = tmp_path / "postpone"
+    postpone.touch()
+    process = subprocess.Popen(
+        migrate_command(primary, database, "--resume", "--postpone-cut-over-flag-file", str(postpone)),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    blocker = primary.connect(database=database, autocommit=False)
+    try:
+        await wait_phase(primary, database, {"postponed"}, timeout=90)
+        blocker.cursor().execute("SELECT COUNT(*) FROM t")
+        postpone.unlink()
+        await wait_phase(primary, database, {"cutting_over"}, timeout=30)
+        await trio.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    blocker.commit()
+    blocker.close()
+    assert phase_of(primary, database)[0] in ("cutting_over", "ready")  # type: ignore[index]
+    process = subprocess.run(migrate_command(primary, database, "--resume"), env=env, capture_output=True, timeout=120)
+    assert process.returncode == 0, process.stderr.decode()[-2000:]
+    await trio.sleep(0.3)
+    await trio.to_thread.run_sync(workload.finish)
+    assert phase_of(primary, database)[0] == "complete"  # type: ignore[index]
+    assert workload.unexpected == []
+    assert_same(primary, database)
+    rows = primary.execute(f"SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = '{database}'")
+    assert rows[0][0] == 0
+
+
+def test_schema_version_drift(primary: sandbox.Instance, database: str) -> None:
+    primary.execute(f"CREATE TABLE `{database}`.t (id INT PRIMARY KEY, a INT)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    run = subprocess.run(migrate_command(primary, database, "--alter", "ADD COLUMN b INT", "--execute"),
+                         env=env, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    version = [sys.executable, "-c", "import sys; from migrator.cli import main; sys.exit(main(sys.argv[1:]))",
+               "schema-version", "--host", primary.host, "--port", str(primary.port), "--user", "root",
+               "--password", "root", "--database", database]
+    check = subprocess.run(version, env=env, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "ok" in check.stdout, check.stdout + check.stderr
+    primary.execute(f"ALTER TABLE `{database}`.t ADD COLUMN sneaky INT")
+    check = subprocess.run(version, env=env, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 3 and "DRIFT" in check.stdout, check.stdout + check.stderr
+    _ = time
