@@ -102,6 +102,18 @@ class Applier:
         while self._in_flight:
             await trio.sleep(0.001)
 
+    async def resync(self, connection: Connection, keys: Sequence[KeyValues]) -> None:
+        """Make the ghost rows of ``keys`` equal to the original's, unconditionally.
+
+        Used under the cut-over lock, where every writer has finished and reads
+        are exact: it removes any effect of a binlog event that arrived before
+        its transaction became visible to our REPLACE … SELECT.
+        """
+        keys = list(keys)
+        for start in range(0, len(keys), self._batch_size):
+            part = keys[start : start + self._batch_size]
+            await connection.execute_many(self.statements([(k, True) for k in part]) + self.statements([(k, False) for k in part]))
+
     def resume(self) -> None:
         self.paused = False
 

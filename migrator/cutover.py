@@ -198,6 +198,7 @@ class CutOver:
                 return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
             if self.checksummer is not None and tracked_keys is not None:
                 keys = sorted(tracked_keys, key=repr)
+                await self.applier.resync(locker, keys)
                 differing = await self.checksummer.compare_keys(locker, keys)
                 if differing:
                     raise DeltaMismatch(
