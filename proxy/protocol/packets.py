@@ -244,9 +244,11 @@ class HandshakeResponse:
         out += self.username.encode("utf-8") + b"\x00"
         if caps & Capability.PLUGIN_AUTH_LENENC_CLIENT_DATA:
             out += lenenc_bytes(self.auth_response)
-        else:
+        elif caps & Capability.SECURE_CONNECTION:
             out.append(len(self.auth_response))
             out += self.auth_response
+        else:
+            out += self.auth_response + b"\x00"
         if caps & Capability.CONNECT_WITH_DB:
             out += (self.database or "").encode("utf-8") + b"\x00"
         if caps & Capability.PLUGIN_AUTH:

@@ -25,6 +25,7 @@ _MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
 _CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
+_CHANGE_USER = int(Command.CHANGE_USER)
 
 #: Bytes of each logical packet the tracker looks at: enough for an OK
 #: packet's header, two 9-byte length-encoded integers and the status flags,
@@ -59,6 +60,7 @@ class ResponseTracker:
         "_continuation",
         "_deprecate_eof",
         "_finishing",
+        "_infile_pending",
         "_partial",
         "_remaining",
         "_skip",
@@ -83,6 +85,7 @@ class ResponseTracker:
         self._skip = 0
         self._remaining = 0
         self._finishing = False
+        self._infile_pending = False
         self._continuation = False
         self._partial = b""
         if command in _RESULT_COMMANDS:
@@ -133,7 +136,7 @@ class ResponseTracker:
                     return -1
                 position += skip
                 self._skip = 0
-                if self._finishing:
+                if self._finishing and not self._continuation:
                     self._finish()
                     return position - shift
                 continue
@@ -155,15 +158,19 @@ class ResponseTracker:
                 self._packet(buffer, start, length)
             position = start
             self._skip = length
-            if length == 0 and self._finishing:
+            if length == 0 and self._finishing and not self._continuation:
                 self._finish()
                 return position - shift
         return -1
 
     def _finish(self) -> None:
-        # A LOCAL INFILE request pauses the response instead of ending it.
+        # A LOCAL INFILE request pauses the response instead of ending it; the
+        # pause starts only once the whole request packet has been seen.
         self._finishing = False
-        if self.state != State.INFILE:
+        if self._infile_pending:
+            self._infile_pending = False
+            self.state = State.INFILE
+        else:
             self.state = State.DONE
 
     # -- one logical packet ---------------------------------------------
@@ -199,6 +206,8 @@ class ResponseTracker:
             self._finishing = True
 
     def _error(self, buffer: bytes, start: int, length: int) -> None:
+        # An ERR ends the whole response, even after results that announced more.
+        self.status &= ~_MORE_RESULTS
         if length >= 3:
             self.error_code = buffer[start + 1] | (buffer[start + 2] << 8)
         else:
@@ -237,7 +246,7 @@ class ResponseTracker:
             elif first == 0xFB:
                 if self.command != _QUERY:
                     raise ProtocolError("LOCAL INFILE request outside COM_QUERY")
-                self.state = State.INFILE
+                self._infile_pending = True
                 self._finishing = True
             else:
                 count = Reader(buffer[start : start + min(length, PEEK)]).lenenc_int()
@@ -260,6 +269,10 @@ class ResponseTracker:
                 self.state = State.ROWS
             return
         if state is State.GENERIC:
+            if self.command == _CHANGE_USER and first in (0xFE, 0x01):
+                # An auth exchange, not a response: the relay terminates
+                # COM_CHANGE_USER itself and never relays it.
+                raise ProtocolError("COM_CHANGE_USER answered with an auth exchange")
             if first == 0x00:
                 self._status_from_ok(buffer, start, length)
             elif first == 0xFE:

@@ -94,8 +94,8 @@ class Reader:
 
 
 def lenenc_int(value: int) -> bytes:
-    if value < 0:
-        raise ValueError("length-encoded integers are unsigned")
+    if value < 0 or value >= 1 << 64:
+        raise ValueError("length-encoded integers are unsigned 64-bit")
     if value < 0xFB:
         return bytes((value,))
     if value < 1 << 16:
