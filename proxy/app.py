@@ -177,6 +177,7 @@ class App:
         proxy = Proxy(settings_from(config), self.primary, self.users, greeting, self.metrics)
         self.proxy = proxy
         async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.gate.run)
             await nursery.start(proxy.serve, config.listen[0], config.listen[1])
             if self.metrics is not None:
                 from proxy.http import serve_http

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -204,6 +204,72 @@ class Metrics:
             ).labels,
             ("client", "backend"),
         )
+        # Cut-over gate and migrations (rare events: prometheus_client objects).
+        self.gate_held_statements = Gauge(
+            "tidegate_gate_held_statements",
+            "Statements waiting at the gate for a cut-over hold to end.",
+            registry=registry,
+        )
+        self.gate_hold_seconds = Histogram(
+            "tidegate_gate_hold_seconds",
+            "How long each hold lasted (from drained to released; 0 for abandoned drains).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self._holds = _Children(
+            Counter(
+                "tidegate_gate_holds",
+                "Holds by how they ended: released, expired (fail open) or abandoned (drain timeout).",
+                ["result"],
+                registry=registry,
+            ).labels,
+            ("released", "expired", "abandoned"),
+        )
+        self._cutover_attempts = _Children(
+            Counter(
+                "tidegate_cutover_attempts",
+                "Cut-over attempts by result.",
+                ["result"],
+                registry=registry,
+            ).labels,
+            ("success", "drain_timeout", "lock_timeout", "error"),
+        )
+        self.migration_state = Gauge(
+            "tidegate_migration_state",
+            "1 for the current state of each migration this sidecar knows.",
+            ["migration", "state"],
+            registry=registry,
+        )
+        self.migration_progress = Gauge(
+            "tidegate_migration_progress_ratio",
+            "Rows copied / rows estimated, 0..1.",
+            ["migration"],
+            registry=registry,
+        )
+        self.migration_rows_copied = Gauge(
+            "tidegate_migration_rows_copied",
+            "Rows copied into the ghost table so far.",
+            ["migration"],
+            registry=registry,
+        )
+        self.migration_lag = Gauge(
+            "tidegate_migration_lag_seconds",
+            "How far the ghost table's binlog applier is behind.",
+            ["migration"],
+            registry=registry,
+        )
+        self.replica_lag = Gauge(
+            "tidegate_replica_lag_seconds",
+            "Replication lag of each replica backend as last probed.",
+            ["backend"],
+            registry=registry,
+        )
+        self._rejections = Counter(
+            "tidegate_rejections",
+            "Statements answered with the lag backpressure error, by reason and tag.",
+            ["reason", "tag"],
+            registry=registry,
+        )
         Gauge("tidegate_up", "1 while the proxy process runs.", registry=registry).set(1)
         Gauge(
             "tidegate_start_time_seconds",
@@ -275,6 +341,32 @@ class Metrics:
     def protocol_error(self, side: str) -> None:
         """``side`` is "client" or "backend": who sent the bad packet."""
         self._protocol_errors[side].inc()
+
+    # ---------------------------------------------------------------- gate and migrations
+
+    def gate_held(self, delta: int) -> None:
+        self.gate_held_statements.inc(delta)
+
+    def gate_hold_finished(self, result: str, seconds: float) -> None:
+        self._holds[result].inc()
+        if result != "abandoned":
+            self.gate_hold_seconds.observe(seconds)
+
+    def cutover_attempt(self, result: str) -> None:
+        """Results: success, drain_timeout, lock_timeout, error."""
+        self._cutover_attempts[result].inc()
+
+    def migration_update(self, migration: str, state: str, progress: float, rows: int, lag: float,
+                         states: Iterable[str] = ()) -> None:
+        for other in states:
+            self.migration_state.labels(migration, other).set(1 if other == state else 0)
+        self.migration_state.labels(migration, state).set(1)
+        self.migration_progress.labels(migration).set(progress)
+        self.migration_rows_copied.labels(migration).set(rows)
+        self.migration_lag.labels(migration).set(lag)
+
+    def rejection(self, reason: str, tag: str) -> None:
+        self._rejections.labels(reason, tag).inc()
 
     # ---------------------------------------------------------------- exposition
 

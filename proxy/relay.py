@@ -28,6 +28,7 @@ from proxy.backends import (
     Endpoint,
     connect,
 )
+from proxy.gate import Gate, Waiter
 from proxy.netio import (
     Connection,
     ConnectionClosed,
@@ -71,6 +72,8 @@ class MetricsSink(Protocol):
     def protocol_error(self, side: str) -> None: ...
     def queue_waiting(self, delta: int) -> None: ...
     def count_bytes(self, client_to_backend: int, backend_to_client: int) -> None: ...
+    def gate_held(self, delta: int) -> None: ...
+    def gate_hold_finished(self, result: str, seconds: float) -> None: ...
 
 
 class NullMetrics:
@@ -107,6 +110,12 @@ class NullMetrics:
     def count_bytes(self, client_to_backend: int, backend_to_client: int) -> None:
         pass
 
+    def gate_held(self, delta: int) -> None:
+        pass
+
+    def gate_hold_finished(self, result: str, seconds: float) -> None:
+        pass
+
 
 @dataclass
 class Settings:
@@ -121,14 +130,28 @@ class Settings:
     shutdown_grace: float = 5.0
     client_tls: ssl.SSLContext | None = None
     client_tls_required: bool = False
+    #: longest a statement waits at the gate, whatever happens to the hold
+    max_hold_wait: float = 30.0
 
 
 @dataclass
 class PreparedStatement:
     statement_id: int
-    sql: str
+    sql_bytes: bytes
     params: int
     columns: int
+
+    @property
+    def sql(self) -> str:
+        return self.sql_bytes.decode("utf-8", "replace")
+
+
+#: What the gate assumes for a statement it cannot see (an unknown prepared
+#: statement id): classify() reports no known tables, i.e. "any table".
+UNKNOWN_SQL = b"CALL tidegate_unknown_statement()"
+#: A transaction longer than this many statements is treated as touching
+#: every table (keeps the per-session list bounded).
+MAX_TRACKED_STATEMENTS = 2000
 
 
 @dataclass
@@ -149,6 +172,28 @@ class SessionState:
     current_raw: bytes | None = None
     queries: int = 0
     transaction_started: float | None = None
+    #: SQL of the statements run in the open transaction (for the cut-over drain)
+    txn_statements: list[bytes] = field(default_factory=list)
+    #: waiting at the gate right now
+    held: bool = False
+
+    def inflight_sql(self) -> bytes | None:
+        raw = self.current_raw
+        if raw is None:
+            return None
+        command = raw[0]
+        if command == _COM_QUERY or command == _COM_STMT_PREPARE:
+            return raw[1:]
+        if command == _COM_STMT_EXECUTE:
+            statement = self.prepared.get(int.from_bytes(raw[1:5], "little")) if len(raw) >= 5 else None
+            return statement.sql_bytes if statement is not None else UNKNOWN_SQL
+        if command == _COM_FIELD_LIST:
+            table = raw[1:].split(b"\x00", 1)[0].replace(b"`", b"``")
+            return b"SELECT * FROM `" + table + b"`"
+        return None
+
+    def transaction_sql(self) -> list[bytes]:
+        return self.txn_statements
 
     @property
     def current(self) -> str | None:
@@ -225,6 +270,10 @@ def error_packet(code: ErrorCode, message: str, sequence: int) -> bytes:
 _USE_PREFIX = b"use"
 _COM_QUERY = int(Command.QUERY)
 _COM_STMT_EXECUTE = int(Command.STMT_EXECUTE)
+_COM_STMT_PREPARE = int(Command.STMT_PREPARE)
+_COM_FIELD_LIST = int(Command.FIELD_LIST)
+#: commands whose statement the gate may need to see
+_GATED = frozenset({_COM_STMT_EXECUTE, _COM_STMT_PREPARE, _COM_FIELD_LIST})
 _IN_TRANS = int(Status.IN_TRANS)
 
 
@@ -258,6 +307,7 @@ class Relay:
         self.credentials: Credentials | None = None
         self.authenticated = False
         self.scope = trio.CancelScope()
+        self._waiter: Waiter | None = None
 
     # -- plumbing --------------------------------------------------------
 
@@ -525,6 +575,7 @@ class Relay:
         proxy = self.proxy
         session = self.session
         metrics = proxy.metrics
+        gate = proxy.gate
         reader = self.reader
         counter = 0
         counted_in = counted_out = 0
@@ -549,6 +600,8 @@ class Relay:
             started = time.perf_counter()
             if command == _COM_QUERY:
                 session.current_raw = payload
+                if gate.holds:
+                    await self._admit()
                 ok = await self._relay_command(packet, command)
                 if ok:
                     head = payload[1:4]
@@ -575,20 +628,48 @@ class Relay:
                 session.current_raw = None
                 ok = await self._change_user(payload)
             else:
-                session.current_raw = payload if command == _COM_STMT_EXECUTE else None
+                session.current_raw = payload if command in _GATED else None
+                if gate.holds and session.current_raw is not None:
+                    await self._admit()
                 ok = await self._relay_command(packet, command)
                 if ok:
                     if command == Command.INIT_DB:
                         session.schema = payload[1:].decode("utf-8", "replace")
                     elif command == Command.RESET_CONNECTION:
                         session.prepared.clear()
+            if session.status & _IN_TRANS:
+                statements = session.txn_statements
+                if len(statements) < MAX_TRACKED_STATEMENTS:
+                    sql = session.inflight_sql()
+                    if sql is not None:
+                        statements.append(sql)
+                elif statements[-1] is not UNKNOWN_SQL:
+                    statements.append(UNKNOWN_SQL)
+            elif session.txn_statements:
+                session.txn_statements = []
             session.current_raw = None
+            if gate.holds:
+                gate.notify()
             session.queries += 1
             metrics.observe_query(command, ok, time.perf_counter() - started)
             metrics.count_bytes(
                 self.bytes_from_client - counted_in, self.bytes_to_client - counted_out
             )
             counted_in, counted_out = self.bytes_from_client, self.bytes_to_client
+
+    async def _admit(self) -> None:
+        """Wait at the gate while a cut-over holds a table this statement touches."""
+        session = self.session
+        gate = self.proxy.gate
+        sql = session.inflight_sql()
+        if sql is None:
+            return
+        tables = gate.classifier.classify(sql).resolved(session.schema)
+        session.held = True
+        try:
+            self._waiter = await gate.admit(session, tables, self.proxy.settings.max_hold_wait)
+        finally:
+            session.held = False
 
     async def _forward(self, packet: Packet) -> None:
         backend = self.backend
@@ -619,6 +700,9 @@ class Relay:
             await backend.send_all(packet.raw)
         except ConnectionClosed:
             await self._backend_lost(1, "while sending the command")
+        if self._waiter is not None:
+            self._waiter.sent.set()  # the next held statement may go now
+            self._waiter = None
         tracker = ResponseTracker(command, session.capabilities)
         receive = backend.receive_some
         send = self._send_client
@@ -658,9 +742,7 @@ class Relay:
             session.transaction_started = None
         if tracker.prepared is not None:
             statement, columns, params = tracker.prepared
-            session.prepared[statement] = PreparedStatement(
-                statement, packet.payload[1:].decode("utf-8", "replace"), params, columns
-            )
+            session.prepared[statement] = PreparedStatement(statement, packet.payload[1:], params, columns)
         return tracker.error_code == 0
 
     async def _relay_infile(self) -> None:
@@ -753,6 +835,10 @@ class Proxy:
         self._rsa: RSAKey | None = None
         self._listeners: list[trio.SocketListener] = []
         self._on_close: list[Callable[[Relay], None]] = []
+        self.gate = Gate(
+            lambda: [relay.session for relay in self.relays.values()],
+            metrics=self.metrics,
+        )
 
     def rsa_key(self) -> RSAKey:
         if self._rsa is None:
@@ -872,6 +958,8 @@ class Proxy:
             log.exception("client %s: unexpected error", relay.session.peer)
         finally:
             del self.relays[relay.session.connection_id]
+            if self.gate.holds:
+                self.gate.notify()
             self.closed_bytes_in += relay.bytes_from_client
             self.closed_bytes_out += relay.bytes_to_client
             metrics.client_disconnected()
