@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 import trio
 
@@ -108,6 +109,8 @@ class App:
             self._load_users if (config.service_account and config.load_users_from_backend) else None,
         )
         self.proxy: Proxy | None = None
+        #: the embedded migration service (None without a service account)
+        self.migrations: Any = None
         self.primary_reachable = False
         self.shutdown_requested = trio.Event()
 

@@ -290,6 +290,13 @@ class Metrics:
         self._duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self._duration_sum += seconds
 
+    def total_queries(self, ok: bool | None = None) -> int:
+        """Commands seen so far: all, or only succeeded (True) / failed (False) ones."""
+        queries = self._queries
+        if ok is None:
+            return sum(queries)
+        return sum(queries[int(ok) :: 2])
+
     def count_bytes(self, client_to_backend: int, backend_to_client: int) -> None:
         self.bytes_client_to_backend += client_to_backend
         self.bytes_backend_to_client += backend_to_client
