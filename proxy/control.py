@@ -104,7 +104,7 @@ class Control:
             add("bytes_backend_to_client", outgoing)
             history = list(proxy.gate.history)
             add("holds_finished", len(history))
-            held = [float(h["hold_seconds"]) for h in history if h["result"] != "abandoned"]
+            held = [float(str(h["hold_seconds"])) for h in history if h["result"] != "abandoned"]
             add("hold_seconds_max", round(max(held), 6) if held else 0.0)
             add("holds_abandoned", sum(1 for h in history if h["result"] == "abandoned"))
             add("holds_expired", sum(1 for h in history if h["result"] == "expired"))
