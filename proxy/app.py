@@ -113,6 +113,8 @@ class App:
         self.migrations: Any = None
         self.primary_reachable = False
         self.shutdown_requested = trio.Event()
+        #: the admin SQL port's bound address once it listens
+        self.admin_listening: tuple[str, int] | None = None
 
     async def _load_users(self) -> list[Account]:
         service = self.config.service_account
@@ -188,6 +190,10 @@ class App:
                 await nursery.start(
                     serve_http, config.http_listen[0], config.http_listen[1], self.metrics, self
                 )
+            from proxy.admin import serve_admin
+            from proxy.control import Control
+
+            self.admin_listening = await nursery.start(serve_admin, Control(self), config.admin)
             if threading.current_thread() is threading.main_thread():
                 nursery.start_soon(self._watch_signals, nursery)
             log.info(
