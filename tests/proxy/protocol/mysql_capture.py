@@ -452,3 +452,70 @@ def result_statuses(capture: Capture) -> list[int]:
         if tracker.infile_requested:
             tracker.resume_after_infile()
     return statuses
+
+
+# -- a corpus of real responses for the fuzz tests -----------------------------
+
+
+async def collect_corpus(port: int, database: str) -> list[Capture]:
+    """A small, varied set of real responses in both EOF modes."""
+    captures: list[Capture] = []
+    for extra in (0, int(Capability.DEPRECATE_EOF | Capability.SESSION_TRACK)):
+        connection = await open_connection(port, database, extra, local_files=True)
+        try:
+            add = captures.append
+            await query(connection, "DROP TABLE IF EXISTS t, d")
+            await query(connection, "DROP PROCEDURE IF EXISTS p")
+            add(
+                await query(
+                    connection, "CREATE TABLE t (id INT PRIMARY KEY, name VARCHAR(9), note TEXT)"
+                )
+            )
+            add(
+                await query(
+                    connection, "INSERT INTO t VALUES (1, 'a', NULL), (2, '', 'x'), (3, 'c', 'y')"
+                )
+            )
+            add(await query(connection, "SELECT id, name, note FROM t ORDER BY id"))
+            add(await query(connection, "SELECT id FROM t WHERE id < 0"))
+            add(await query(connection, "SELECT 1; SELECT * FROM nope; SELECT 2"))
+            add(await query(connection, "BEGIN; SELECT note FROM t; COMMIT"))
+            await query(
+                connection, "CREATE PROCEDURE p() BEGIN SELECT 1 AS a; SELECT 'x', NULL; END"
+            )
+            add(await query(connection, "CALL p()"))
+            add(
+                await query(
+                    connection, "LOAD DATA LOCAL INFILE 'f' INTO TABLE t", infile=[b"4\tz\tq\n"]
+                )
+            )
+            add(await exchange(connection, bytes((Command.PING,)), "ping"))
+            add(await exchange(connection, bytes((Command.STATISTICS,)), "statistics"))
+            add(await exchange(connection, bytes((Command.FIELD_LIST,)) + b"t\x00", "field list"))
+            add(
+                await exchange(connection, bytes((Command.SET_OPTION,)) + b"\x00\x00", "set option")
+            )
+            add(await exchange(connection, bytes((Command.INIT_DB,)) + b"no_such_db", "init db"))
+            prepare = await exchange(
+                connection,
+                bytes((Command.STMT_PREPARE,)) + b"SELECT id, name FROM t WHERE id > ?",
+                "prepare",
+            )
+            add(prepare)
+            assert prepare.facts.prepared is not None
+            statement = prepare.facts.prepared[0]
+            add(await exchange(connection, execute_payload(statement, (0,)), "execute"))
+            add(
+                await exchange(
+                    connection, execute_payload(statement, (1,), CURSOR_TYPE_READ_ONLY), "cursor"
+                )
+            )
+            add(await exchange(connection, fetch_payload(statement, 2), "fetch"))
+            add(
+                await exchange(
+                    connection, statement_payload(Command.STMT_RESET, statement), "reset"
+                )
+            )
+        finally:
+            await connection.aclose()
+    return captures

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import sandbox
+from proxy.backends import BackendError, Credentials, Endpoint, connect
 from proxy.protocol import auth
 
 passwords = st.text(max_size=40)
@@ -121,3 +123,33 @@ def test_xor_password_is_an_involution(password: bytes, nonce: bytes) -> None:
     masked = auth.xor_password(password, nonce)
     assert len(masked) == len(password)
     assert auth.xor_password(masked, nonce) == password
+
+
+async def test_stage1_recovery_logs_into_a_real_server(primary: sandbox.Instance) -> None:
+    """The proxy's trick end to end: recover SHA1(password) from a client's
+    scramble response, then log into MariaDB with it, never knowing the password."""
+    ((stored,),) = primary.execute(
+        "SELECT authentication_string FROM mysql.user WHERE User = 'root' AND Host = '%'"
+    )
+    assert stored == auth.native_hash_text("root")
+    proxy_scramble = bytes(range(1, 21))  # what the proxy sent its client
+    client_token = auth.native_token(auth.native_stage1("root"), proxy_scramble)
+    stage1 = auth.native_recover_stage1(
+        client_token, proxy_scramble, auth.native_stage2_from_hash(stored)
+    )
+    assert stage1 == hashlib.sha1(b"root").digest()
+    endpoint = Endpoint("primary", "127.0.0.1", primary.port)
+    connection = await connect(endpoint, Credentials("root", stage1=stage1))
+    try:
+        result = await connection.query("SELECT CURRENT_USER()")
+        assert result.text_rows() == [("root@%",)]
+    finally:
+        await connection.aclose()
+    wrong = auth.native_token(auth.native_stage1("not-root"), proxy_scramble)
+    assert (
+        auth.native_recover_stage1(wrong, proxy_scramble, auth.native_stage2_from_hash(stored))
+        is None
+    )
+    with pytest.raises(BackendError) as error:
+        await connect(endpoint, Credentials("root", stage1=auth.native_stage1("not-root")))
+    assert error.value.err.code == 1045
