@@ -154,6 +154,12 @@ class App:
             self.primary_reachable = False
             return False, f"primary {self.primary.address} unreachable: {error}"
         self.primary_reachable = True
+        # Migrating is not a reason to take the pod out of service; say it, stay ready.
+        holds = [h["table"] for h in proxy.gate.snapshot()]
+        if holds:
+            return True, "ok (holding: " + ", ".join(map(str, holds)) + ")"
+        if self.migrations is not None and self.migrations.running:
+            return True, "ok (migrating)"
         return True, "ok"
 
     def status(self) -> dict[str, object]:
@@ -168,8 +174,10 @@ class App:
             "in_transaction": sum(1 for r in sessions if r.session.in_transaction),
             "backend_connections": proxy.backend_limiter.in_use if proxy else 0,
             "backend_queue_waiting": proxy.backend_limiter.waiting if proxy else 0,
-            "migration_in_progress": False,
-            "hold_in_progress": False,
+            "migration_in_progress": bool(self.migrations and self.migrations.running),
+            "migrations_led_here": sorted(self.migrations.running) if self.migrations else [],
+            "hold_in_progress": bool(proxy and proxy.gate.holds),
+            "holds": proxy.gate.snapshot() if proxy else [],
         }
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
@@ -181,6 +189,10 @@ class App:
             self.metrics.declare_backends([backend.name for backend in config.backends])
         proxy = Proxy(settings_from(config), self.primary, self.users, greeting, self.metrics)
         self.proxy = proxy
+        fleet = None
+        service_account = config.service_account
+        if service_account is not None and config.migrations_enabled:
+            fleet, self.migrations = self._embedded_migrator(proxy, service_account)
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.gate.run)
             await nursery.start(proxy.serve, config.listen[0], config.listen[1])
@@ -194,6 +206,9 @@ class App:
             from proxy.control import Control
 
             self.admin_listening = await nursery.start(serve_admin, Control(self), config.admin)
+            if fleet is not None and self.migrations is not None:
+                await nursery.start(fleet.run)
+                await nursery.start(self.migrations.run)
             if threading.current_thread() is threading.main_thread():
                 nursery.start_soon(self._watch_signals, nursery)
             log.info(
@@ -204,7 +219,48 @@ class App:
             )
             task_status.started(proxy)
             await self.shutdown_requested.wait()
+            if fleet is not None:
+                await fleet.deregister()
             await self._drain(nursery)
+
+    def _embedded_migrator(self, proxy: Proxy, service_account: tuple[str, str]) -> tuple[Any, Any]:
+        """Fleet membership and the migration service (the only place proxy meets migrator)."""
+        from proxy.fleet import Fleet, ServiceDatabase
+        from proxy.migrations import STATES, MigrationService
+
+        credentials = Credentials.from_password(*service_account)
+        database = ServiceDatabase(self.primary, credentials, self.config.limits.connect_timeout)
+        listen = f"{self.config.listen[0]}:{self.config.listen[1]}"
+        fleet = Fleet(database, proxy.gate, schema=self.config.state_schema, listen=listen)
+        metrics = self.metrics
+        attempts_seen: dict[int, int] = {}
+
+        def on_progress(request_id: int, progress: Any) -> None:
+            if metrics is None:
+                return
+            name = str(request_id)
+            ratio = progress.rows_copied / progress.rows_estimate if progress.rows_estimate else 0.0
+            metrics.migration_update(name, str(progress.phase), min(ratio, 1.0), progress.rows_copied,
+                                     float(getattr(progress, "binlog_lag_seconds", 0.0) or 0.0), STATES)
+            attempts = int(getattr(progress, "cut_over_attempts", 0) or 0)
+            previous = attempts_seen.get(request_id, 0)
+            if attempts > previous:
+                # every attempt but a final successful one was rolled back (lock timeout)
+                done = str(progress.phase) == "complete"
+                for index in range(previous, attempts):
+                    metrics.cutover_attempt("success" if done and index == attempts - 1 else "lock_timeout")
+                attempts_seen[request_id] = attempts
+
+        def on_cutover(result: str) -> None:
+            if metrics is not None:
+                metrics.cutover_attempt(result)
+
+        service = MigrationService(
+            self.primary, service_account, fleet, schema=self.config.state_schema,
+            on_progress=on_progress, on_cutover=on_cutover,
+        )
+        proxy.gate.set_dependents(service.dependents)
+        return fleet, service
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -141,6 +141,11 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log_level: str = "info"
     load_users_from_backend: bool = True
+    #: run migrations requested through any sidecar and join cut-over holds
+    #: (needs the service account); off for a proxy that must never write state
+    migrations_enabled: bool = True
+    #: schema on the primary for migration state and sidecar coordination
+    state_schema: str = "_tidegate"
 
     @property
     def primary(self) -> BackendConfig:
@@ -610,6 +615,8 @@ _TOP_KEYS = (
     "http_listen",
     "log_level",
     "load_users_from_backend",
+    "migrations_enabled",
+    "state_schema",
     "backends",
     "users",
     "limits",
@@ -666,6 +673,16 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
         if "load_users_from_backend" in raw
         else defaults.load_users_from_backend
     )
+    migrations_enabled = (
+        _boolean(ctx, "migrations_enabled", raw["migrations_enabled"])
+        if "migrations_enabled" in raw
+        else defaults.migrations_enabled
+    )
+    state_schema = defaults.state_schema
+    if "state_schema" in raw:
+        state_schema = _string(ctx, "state_schema", raw["state_schema"])
+        if len(state_schema) > 64 or "`" in state_schema or "\x00" in state_schema:
+            raise ctx.error("state_schema", f"not a valid schema name: {_show(raw['state_schema'])}")
 
     backends = _backends(ctx, raw.get("backends"))
     users = _users(ctx, raw.get("users", []))
@@ -683,6 +700,8 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
         admin=admin,
         log_level=log_level,
         load_users_from_backend=load_users,
+        migrations_enabled=migrations_enabled,
+        state_schema=state_schema,
     )
     _check_listeners(ctx, config)
     if not users and (config.service_account is None or not load_users):
@@ -942,6 +961,8 @@ _ENV_SCALARS: dict[str, str] = {
     "TIDEGATE_HTTP_LISTEN": "http_listen",
     "TIDEGATE_LOG_LEVEL": "log_level",
     "TIDEGATE_LOAD_USERS_FROM_BACKEND": "load_users_from_backend",
+    "TIDEGATE_MIGRATIONS_ENABLED": "migrations_enabled",
+    "TIDEGATE_STATE_SCHEMA": "state_schema",
     **{f"TIDEGATE_ADMIN_{name.upper()}": f"admin.{name}" for name in _ADMIN_KEYS},
     **{f"TIDEGATE_CLIENT_TLS_{name.upper()}": f"client_tls.{name}" for name in _CLIENT_TLS_KEYS},
     **{f"TIDEGATE_LIMITS_{name.upper()}": f"limits.{name}" for name in _LIMIT_KEYS},
@@ -987,6 +1008,7 @@ _FLAG_SCALARS: dict[str, tuple[str, str, str]] = {
     "--admin-listen": ("admin.listen", "HOST:PORT", "admin SQL port (default 127.0.0.1:6032)"),
     "--admin-user": ("admin.user", "NAME", "admin port user (default admin)"),
     "--log-level": ("log_level", "LEVEL", "debug, info, warning, error or critical"),
+    "--state-schema": ("state_schema", "NAME", "schema for migration state and sidecar coordination (default _tidegate)"),
     "--client-tls-cert": ("client_tls.cert", "PATH", "certificate offered to clients"),
     "--client-tls-key": ("client_tls.key", "PATH", "private key of --client-tls-cert"),
     "--client-tls-ca": ("client_tls.ca", "PATH", "CA to verify client certificates"),
@@ -1017,6 +1039,10 @@ _FLAG_BOOLEANS: dict[str, tuple[str, str]] = {
     "--load-users-from-backend": (
         "load_users_from_backend",
         "load client users from the primary's mysql.user (default on)",
+    ),
+    "--migrations-enabled": (
+        "migrations_enabled",
+        "run requested migrations and join cut-over holds (default on; needs a service account)",
     ),
 }
 

@@ -115,6 +115,10 @@ class Gate:
         self._release_spacing = release_spacing
         self.history: deque[dict[str, object]] = deque(maxlen=100)
 
+    def set_dependents(self, dependents: Dependents) -> None:
+        """How to find views and triggers that reach a table (they count as it)."""
+        self._dependents = dependents
+
     # -- service ---------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -1,0 +1,352 @@
+"""Many sidecars, one cut-over: coordination through the database.
+
+Every sidecar registers in ``_tidegate.sidecars`` and heartbeats there.  A
+migration leader that wants to cut over writes a row in
+``_tidegate.cutovers`` (phase ``announce`` → ``hold`` with a new epoch →
+``release``); every sidecar polls that table (every second normally, every
+few milliseconds while a cut-over is announced), drains and holds the table
+through its local gate, and writes its answer to ``_tidegate.hold_acks``.
+The leader proceeds only when every live sidecar acknowledged the hold
+within the deadline; otherwise it releases and retries later.  Every local
+hold has its own timeout, so a dead leader never wedges an application.
+
+No extra infrastructure: the primary is the coordination point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from proxy.backends import (
+    BackendConnection,
+    BackendError,
+    BackendUnavailable,
+    Credentials,
+    Endpoint,
+    QueryResult,
+    connect,
+)
+from proxy.gate import Gate
+from proxy.netio import ConnectionClosed
+
+log = logging.getLogger("tidegate.fleet")
+
+LIVE_SECONDS = 3.0
+SCHEMA_SQL = (
+    "CREATE TABLE IF NOT EXISTS {s}.sidecars ("
+    " id VARCHAR(64) PRIMARY KEY, host VARCHAR(255) NOT NULL, pid INT NOT NULL,"
+    " listen VARCHAR(255) NOT NULL, started_at DATETIME(6) NOT NULL,"
+    " heartbeat_at DATETIME(6) NOT NULL, holding VARCHAR(255) NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS {s}.cutovers ("
+    " table_key VARCHAR(130) PRIMARY KEY, epoch BIGINT NOT NULL, phase VARCHAR(16) NOT NULL,"
+    " drain_timeout DOUBLE NOT NULL, hold_timeout DOUBLE NOT NULL, leader VARCHAR(64) NOT NULL,"
+    " updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS {s}.hold_acks ("
+    " table_key VARCHAR(130) NOT NULL, epoch BIGINT NOT NULL, sidecar VARCHAR(64) NOT NULL,"
+    " result VARCHAR(16) NOT NULL, detail TEXT NULL, at DATETIME(6) NOT NULL,"
+    " PRIMARY KEY (table_key, epoch, sidecar)) ENGINE=InnoDB",
+)
+
+
+def literal(value: Any) -> str:
+    """An SQL literal that is safe whatever the sql_mode (hex for strings)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, bytes):
+        return f"X'{value.hex()}'" if value else "''"
+    text = str(value)
+    return f"_utf8mb4 X'{text.encode('utf-8').hex()}'" if text else "''"
+
+
+def identifier(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+class ServiceDatabase:
+    """One service-account connection with reconnect; the proxy's own async client."""
+
+    def __init__(self, endpoint: Endpoint, credentials: Credentials, timeout: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.credentials = credentials
+        self.timeout = timeout
+        self._connection: BackendConnection | None = None
+        self._lock = trio.Lock()
+
+    async def _connect(self) -> BackendConnection:
+        if self._connection is None or self._connection.closed:
+            self._connection = await connect(self.endpoint, self.credentials, timeout=self.timeout)
+        return self._connection
+
+    async def query(self, sql: str) -> QueryResult:
+        async with self._lock:
+            for attempt in (1, 2):
+                connection = await self._connect()
+                try:
+                    with trio.fail_after(self.timeout * 2):
+                        return await connection.query(sql)
+                except (BackendUnavailable, ConnectionClosed, trio.TooSlowError, OSError):
+                    await connection.aclose(polite=False)
+                    self._connection = None
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        if self._connection is not None:
+            await self._connection.aclose()
+            self._connection = None
+
+
+@dataclass
+class LocalHold:
+    table_key: str
+    epoch: int
+    cancel: trio.CancelScope
+
+
+class Fleet:
+    """This sidecar's membership: heartbeat, and answering cut-over holds."""
+
+    def __init__(
+        self,
+        db: ServiceDatabase,
+        gate: Gate,
+        *,
+        schema: str = "_tidegate",
+        sidecar_id: str | None = None,
+        listen: str = "",
+        heartbeat_interval: float = 1.0,
+        slow_poll: float = 1.0,
+        fast_poll: float = 0.005,
+    ) -> None:
+        self.db = db
+        self.gate = gate
+        self.schema = identifier(schema)
+        self.id = sidecar_id or f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+        self.listen = listen
+        self.heartbeat_interval = heartbeat_interval
+        self.slow_poll = slow_poll
+        self.fast_poll = fast_poll
+        self._handled: dict[str, int] = {}
+        self._holds: dict[str, LocalHold] = {}
+        self._nursery: trio.Nursery | None = None
+        self.ready = trio.Event()
+        self.last_error: str | None = None
+
+    async def ensure_schema(self) -> None:
+        await self.db.query(f"CREATE DATABASE IF NOT EXISTS {self.schema}")
+        for statement in SCHEMA_SQL:
+            await self.db.query(statement.format(s=self.schema))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                try:
+                    await self.ensure_schema()
+                    await self._register()
+                    break
+                except (BackendError, BackendUnavailable, ConnectionClosed, OSError, trio.TooSlowError) as error:
+                    self.last_error = str(error)
+                    log.warning("fleet: cannot register in %s yet: %s", self.schema, error)
+                    await trio.sleep(2)
+            self.ready.set()
+            nursery.start_soon(self._heartbeat)
+            await self._poll_cutovers()
+
+    async def _register(self) -> None:
+        await self.db.query(
+            f"REPLACE INTO {self.schema}.sidecars (id, host, pid, listen, started_at, heartbeat_at) VALUES "
+            f"({literal(self.id)}, {literal(socket.gethostname())}, {os.getpid()}, {literal(self.listen)}, "
+            "NOW(6), NOW(6))"
+        )
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            holding = ",".join(sorted(self._holds)) or None
+            try:
+                result = await self.db.query(
+                    f"UPDATE {self.schema}.sidecars SET heartbeat_at = NOW(6), holding = {literal(holding)} "
+                    f"WHERE id = {literal(self.id)}"
+                )
+                if result.ok is not None and result.ok.affected_rows == 0:
+                    await self._register()  # someone cleaned us up: come back
+                self.last_error = None
+            except Exception as error:  # keep heartbeating through outages
+                self.last_error = str(error)
+                log.warning("fleet heartbeat failed: %s", error)
+
+    async def deregister(self) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self.db.query(f"DELETE FROM {self.schema}.sidecars WHERE id = {literal(self.id)}")
+            except Exception as error:
+                log.info("fleet: could not deregister: %s", error)
+
+    async def _poll_cutovers(self) -> None:
+        while True:
+            fast = False
+            try:
+                result = await self.db.query(
+                    f"SELECT table_key, epoch, phase, drain_timeout, hold_timeout FROM {self.schema}.cutovers"
+                )
+                rows = result.text_rows()
+                seen = set()
+                for key, epoch_text, phase, drain, hold in rows:
+                    assert key is not None and epoch_text is not None
+                    epoch = int(epoch_text)
+                    seen.add(key)
+                    if phase in ("announce", "hold"):
+                        fast = True
+                    if phase == "hold" and self._handled.get(key, -1) < epoch:
+                        self._handled[key] = epoch
+                        self._start_hold(key, epoch, float(drain or 1), float(hold or 3))
+                    elif phase != "hold":
+                        self._end_hold(key)
+                for key in list(self._holds):
+                    if key not in seen:
+                        self._end_hold(key)
+                self.last_error = None
+            except Exception as error:
+                self.last_error = str(error)
+                log.warning("fleet: polling cut-overs failed: %s", error)
+                await trio.sleep(self.slow_poll)
+                continue
+            await trio.sleep(self.fast_poll if fast or self._holds else self.slow_poll)
+
+    def _start_hold(self, key: str, epoch: int, drain: float, hold_timeout: float) -> None:
+        self._end_hold(key)
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._holds[key] = LocalHold(key, epoch, scope)
+        self._nursery.start_soon(self._hold, key, epoch, drain, hold_timeout, scope)
+
+    def _end_hold(self, key: str) -> None:
+        hold = self._holds.pop(key, None)
+        if hold is not None:
+            hold.cancel.cancel()
+
+    async def _hold(self, key: str, epoch: int, drain: float, hold_timeout: float, scope: trio.CancelScope) -> None:
+        schema, _, table = key.partition(".")
+        held = False
+        try:
+            with scope:
+                held = await self.gate.hold(schema, table, drain_timeout=drain, hold_timeout=hold_timeout)
+                blockers = "; ".join(self.gate.history[-1]["blockers"]) if not held and self.gate.history else ""  # type: ignore[arg-type]
+                await self.db.query(
+                    f"REPLACE INTO {self.schema}.hold_acks (table_key, epoch, sidecar, result, detail, at) VALUES "
+                    f"({literal(key)}, {epoch}, {literal(self.id)}, {literal('held' if held else 'refused')}, "
+                    f"{literal(blockers[:2000] or None)}, NOW(6))"
+                )
+                if held:
+                    await trio.sleep_forever()  # until release (cancel) or the gate's own expiry
+        finally:
+            if held:
+                with trio.CancelScope(shield=True):
+                    await self.gate.release(schema, table)
+            current = self._holds.get(key)
+            if current is not None and current.epoch == epoch and current.cancel is scope:
+                del self._holds[key]
+
+
+class FleetGate:
+    """The leader's ``TrafficGate``: a hold is acknowledged by every live sidecar."""
+
+    def __init__(self, db: ServiceDatabase, *, schema: str = "_tidegate", leader: str = "",
+                 poll: float = 0.003, ack_margin: float = 0.5) -> None:
+        self.db = db
+        self.schema = identifier(schema)
+        self.leader = leader
+        self.poll = poll
+        self.ack_margin = ack_margin
+        self.epoch = 0
+        self.last_refusal: str | None = None
+        self.held_since: float | None = None
+
+    async def live_sidecars(self) -> list[str]:
+        result = await self.db.query(
+            f"SELECT id FROM {self.schema}.sidecars "
+            f"WHERE heartbeat_at > NOW(6) - INTERVAL {int(LIVE_SECONDS * 1000)} * 1000 MICROSECOND"
+        )
+        return [row[0] for row in result.text_rows() if row[0] is not None]
+
+    async def announce(self, schema: str, table: str) -> None:
+        key = f"{schema}.{table}".lower()
+        await self.db.query(
+            f"INSERT INTO {self.schema}.cutovers (table_key, epoch, phase, drain_timeout, hold_timeout, leader, updated_at) "
+            f"VALUES ({literal(key)}, 0, 'announce', 0, 0, {literal(self.leader)}, NOW(6)) "
+            "ON DUPLICATE KEY UPDATE phase = 'announce', updated_at = NOW(6)"
+        )
+
+    async def hold(self, schema: str, table: str, *, drain_timeout: float, hold_timeout: float) -> bool:
+        key = f"{schema}.{table}".lower()
+        expected = set(await self.live_sidecars())
+        await self.db.query(
+            f"INSERT INTO {self.schema}.cutovers (table_key, epoch, phase, drain_timeout, hold_timeout, leader, updated_at) "
+            f"VALUES ({literal(key)}, 1, 'hold', {drain_timeout!r}, {hold_timeout!r}, {literal(self.leader)}, NOW(6)) "
+            f"ON DUPLICATE KEY UPDATE epoch = epoch + 1, phase = 'hold', drain_timeout = {drain_timeout!r}, "
+            f"hold_timeout = {hold_timeout!r}, leader = {literal(self.leader)}, updated_at = NOW(6)"
+        )
+        rows = (await self.db.query(
+            f"SELECT epoch FROM {self.schema}.cutovers WHERE table_key = {literal(key)}"
+        )).text_rows()
+        self.epoch = int(rows[0][0] or 0)
+        if not expected:
+            self.held_since = trio.current_time()
+            return True  # no sidecar in front of this table: the database lock does the work
+        deadline = trio.current_time() + drain_timeout + self.ack_margin
+        held: set[str] = set()
+        while True:
+            acks = (await self.db.query(
+                f"SELECT sidecar, result, detail FROM {self.schema}.hold_acks "
+                f"WHERE table_key = {literal(key)} AND epoch = {self.epoch}"
+            )).text_rows()
+            refused = [f"{sidecar}: {detail or 'drain timed out'}" for sidecar, result, detail in acks if result != "held"]
+            if refused:
+                self.last_refusal = "; ".join(refused)
+                break
+            held = {str(sidecar) for sidecar, result, _ in acks if result == "held"}
+            if expected <= held:
+                self.held_since = trio.current_time()
+                return True
+            if trio.current_time() >= deadline:
+                # A sidecar that stopped heartbeating meanwhile no longer counts.
+                missing = (expected & set(await self.live_sidecars())) - held
+                if not missing:
+                    self.held_since = trio.current_time()
+                    return True
+                self.last_refusal = "no acknowledgement from " + ", ".join(sorted(missing))
+                break
+            await trio.sleep(self.poll)
+        await self._set_phase(key, "release")
+        return False
+
+    async def _set_phase(self, key: str, phase: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self.db.query(
+                f"UPDATE {self.schema}.cutovers SET phase = {literal(phase)}, updated_at = NOW(6) "
+                f"WHERE table_key = {literal(key)}"
+            )
+
+    async def release(self, schema: str, table: str) -> None:
+        await self._set_phase(f"{schema}.{table}".lower(), "release")
+        self.held_since = None
+
+    async def finish(self, schema: str, table: str) -> None:
+        key = f"{schema}.{table}".lower()
+        with trio.CancelScope(shield=True):
+            await self.db.query(f"DELETE FROM {self.schema}.cutovers WHERE table_key = {literal(key)}")
+            await self.db.query(f"DELETE FROM {self.schema}.hold_acks WHERE table_key = {literal(key)}")

@@ -1,0 +1,477 @@
+"""The embedded migrator: migrations requested through any sidecar, run by one.
+
+This module is where the sidecar meets ``migrator`` (which never imports
+``proxy``).  A request is a row in ``_tidegate.migration_requests``; every
+sidecar polls for pending rows and the one that wins ``GET_LOCK`` becomes the
+migration's leader and runs ``migrator.runner.Migration`` with a
+``FleetGate``, so its cut-over drains and holds the table in **every** live
+sidecar before the database-level lock-and-rename (which stays as the safety
+net for traffic that bypasses the sidecars).  The lock lives on the leader's
+connection: if the leader dies, the lock frees, and another sidecar takes the
+migration over with ``--resume`` semantics.  Progress is written back to the
+row every second so every sidecar's admin port shows it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import json
+import logging
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from migrator.cli import migrate_parser, spec_from_args
+from migrator.db import ConnectionSettings
+from migrator.runner import Migration, Progress
+from migrator.spec import MigrationSpec, SpecError
+from proxy.backends import BackendError, BackendUnavailable, Credentials, Endpoint
+from proxy.control import ControlError
+from proxy.fleet import Fleet, FleetGate, ServiceDatabase, identifier, literal
+
+log = logging.getLogger("tidegate.migrations")
+
+REQUESTS_SQL = (
+    "CREATE TABLE IF NOT EXISTS {s}.migration_requests ("
+    " id BIGINT AUTO_INCREMENT PRIMARY KEY, schema_name VARCHAR(64) NOT NULL,"
+    " table_name VARCHAR(64) NOT NULL, alter_statement TEXT NOT NULL, options TEXT NOT NULL,"
+    " state VARCHAR(16) NOT NULL, leader VARCHAR(64) NULL, requested_at DATETIME(6) NOT NULL,"
+    " updated_at DATETIME(6) NOT NULL, error TEXT NULL, progress TEXT NULL, control TEXT NULL,"
+    " KEY state (state)) ENGINE=InnoDB"
+)
+ACTIVE = ("pending", "running")
+#: options that may change while a migration runs
+RUNTIME_OPTIONS = ("chunk_size",)
+STATES = ("pending", "validating", "copying", "verifying", "ready", "postponed", "cutting_over",
+          "complete", "failed", "cancelled")
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """``chunk_size=2000, postpone=1`` → dict; values may be quoted."""
+    options: dict[str, str] = {}
+    for part in shlex.split(text.replace(",", " ")) if text.strip() else []:
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ControlError(f"option {part!r} is not name=value")
+        options[name.strip().lower().replace("-", "_")] = value.strip()
+    return options
+
+
+def build_spec(settings: ConnectionSettings, schema: str, table: str, alter: str,
+               options: dict[str, str], *, resume: bool) -> tuple[MigrationSpec, bool]:
+    """The same flags as ``tidegate migrate``; returns (spec, postpone)."""
+    options = dict(options)
+    postpone = options.pop("postpone", "0").lower() in ("1", "true", "on", "yes")
+    argv = [
+        "--host", settings.host, "--port", str(settings.port), "--user", settings.user,
+        "--password", settings.password, "--database", schema, "--table", table,
+        "--alter", alter, "--execute", "--quiet",
+    ]
+    if resume:
+        argv.append("--resume")
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value == "" else [flag, value]
+    parser = migrate_parser()
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = parser.parse_args(argv)
+        return spec_from_args(args), postpone
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()
+        raise ControlError("invalid migration options: " + (message[-1] if message else "see docs/migrator.md")) from None
+    except (SpecError, ValueError) as error:
+        raise ControlError(f"invalid migration: {error}") from None
+
+
+@dataclass
+class Running:
+    request_id: int
+    migration: Migration
+    gate: FleetGate
+    scope: trio.CancelScope
+    lock_db: ServiceDatabase
+    last_line: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+class MigrationService:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        service: tuple[str, str],
+        fleet: Fleet,
+        *,
+        schema: str = "_tidegate",
+        poll_interval: float = 1.0,
+        on_progress: Callable[[int, Progress], None] | None = None,
+        on_cutover: Callable[[str], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.service = service
+        self.credentials = Credentials.from_password(*service)
+        self.db = ServiceDatabase(endpoint, self.credentials)
+        self.fleet = fleet
+        self.schema_name = schema
+        self.schema = identifier(schema)
+        self.poll_interval = poll_interval
+        self.running: dict[int, Running] = {}
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self._on_progress = on_progress
+        self._on_cutover = on_cutover
+        self._schema_ready = False
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        return ConnectionSettings(host=self.endpoint.host, port=self.endpoint.port,
+                                  user=self.service[0], password=self.service[1])
+
+    async def ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        await self.db.query(f"CREATE DATABASE IF NOT EXISTS {self.schema}")
+        await self.db.query(REQUESTS_SQL.format(s=self.schema))
+        await self.fleet.ensure_schema()
+        self._schema_ready = True
+
+    # -- service loop ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self.fleet.ready.wait()
+            while True:
+                try:
+                    await self.ensure_schema()
+                    break
+                except (BackendError, BackendUnavailable, OSError) as error:
+                    log.warning("migrations: cannot prepare %s: %s", self.schema, error)
+                    await trio.sleep(2)
+            while True:
+                try:
+                    await self._claim()
+                except Exception as error:
+                    log.warning("migrations: polling requests failed: %s", error)
+                with trio.move_on_after(self.poll_interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _claim(self) -> None:
+        rows = (await self.db.query(
+            f"SELECT id, schema_name, table_name, alter_statement, options, state, control "
+            f"FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') ORDER BY id"
+        )).text_rows()
+        for row in rows:
+            request_id = int(row[0] or 0)
+            if request_id in self.running:
+                await self._apply_remote_commands(request_id, row[6])
+                continue
+            lock_db = ServiceDatabase(self.endpoint, self.credentials)
+            try:
+                got = (await lock_db.query(f"SELECT GET_LOCK({literal(self._lock_name(request_id))}, 0)")).text_rows()
+            except Exception:
+                await lock_db.aclose()
+                raise
+            if not got or got[0][0] != "1":
+                await lock_db.aclose()
+                continue
+            resume = row[5] == "running"  # its leader died: take over where it stopped
+            assert self._nursery is not None
+            await self._nursery.start(self._lead, request_id, row, lock_db, resume)
+
+    def _lock_name(self, request_id: int) -> str:
+        return f"tidegate:{self.schema_name}:migration:{request_id}"
+
+    async def _lead(self, request_id: int, row: tuple[str | None, ...], lock_db: ServiceDatabase, resume: bool,
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        _, schema, table, alter, options_text, _, _ = row
+        assert schema is not None and table is not None and alter is not None
+        try:
+            options = json.loads(options_text or "{}")
+            spec, postpone = build_spec(self.settings, schema, table, alter, options, resume=resume)
+        except (ControlError, ValueError) as error:
+            await self._finish_request(request_id, "failed", str(error))
+            await lock_db.aclose()
+            task_status.started()
+            return
+        gate = FleetGate(self.db, schema=self.schema_name, leader=self.fleet.id)
+        gate_adapter = _AnnouncingGate(gate, self._on_cutover)
+        lines: list[str] = []
+
+        def output(line: str) -> None:
+            lines.append(line)
+            del lines[:-20]
+            log.info("migration %d: %s", request_id, line)
+
+        migration = Migration(spec, gate=gate_adapter, output=output)
+        if postpone:
+            migration.postpone(True)
+        scope = trio.CancelScope()
+        running = Running(request_id, migration, gate, scope, lock_db)
+        self.running[request_id] = running
+        await self.db.query(
+            f"UPDATE {self.schema}.migration_requests SET state = 'running', leader = {literal(self.fleet.id)}, "
+            f"updated_at = NOW(6), error = NULL WHERE id = {request_id}"
+        )
+        log.info("migration %d: leading %s.%s (%s)%s", request_id, schema, table, alter, " resuming" if resume else "")
+        task_status.started()
+        state, failure_text = "failed", None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report, running, lines)
+                with scope:
+                    result = await migration.run()
+                    state = "complete" if str(result.phase.value) == "complete" else str(result.phase.value)
+                nursery.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                state = "cancelled"
+        except Exception as failure:
+            failure_text = f"{type(failure).__name__}: {failure}"
+            log.error("migration %d failed: %s", request_id, failure_text)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.running.pop(request_id, None)
+                try:
+                    await gate.finish(schema, table)
+                except Exception as cleanup:
+                    log.warning("migration %d: cut-over rows not cleaned: %s", request_id, cleanup)
+                progress = self._progress_row(running, lines)
+                await self._finish_request(
+                    request_id, state, failure_text or (lines[-1] if state != "complete" and lines else None), progress
+                )
+                await lock_db.aclose()
+
+    async def _finish_request(self, request_id: int, state: str, error: str | None,
+                              progress: dict[str, Any] | None = None) -> None:
+        with trio.CancelScope(shield=True):
+            await self.db.query(
+                f"UPDATE {self.schema}.migration_requests SET state = {literal(state)}, error = {literal(error)}, "
+                f"progress = COALESCE({literal(json.dumps(progress) if progress else None)}, progress), "
+                f"updated_at = NOW(6) WHERE id = {request_id}"
+            )
+
+    def _progress_row(self, running: Running, lines: list[str]) -> dict[str, Any]:
+        progress = running.migration.progress()
+        row = {
+            "phase": progress.phase,
+            "migration_id": progress.migration_id,
+            "rows_copied": progress.rows_copied,
+            "rows_estimate": progress.rows_estimate,
+            "rows_per_second": round(progress.rows_per_second, 1),
+            "eta_seconds": None if progress.eta_seconds is None else round(progress.eta_seconds, 1),
+            "binlog_lag_seconds": round(getattr(progress, "binlog_lag_seconds", 0.0) or 0.0, 3),
+            "throttle_reason": progress.throttle_reason,
+            "postponed": progress.postponed,
+            "cut_over_attempts": getattr(progress, "cut_over_attempts", 0),
+            "chunk_size": getattr(progress, "chunk_size", 0),
+            "last_refusal": running.gate.last_refusal,
+            "last_line": lines[-1] if lines else "",
+        }
+        running.progress = row
+        if self._on_progress is not None:
+            self._on_progress(running.request_id, progress)
+        return row
+
+    async def _report(self, running: Running, lines: list[str]) -> None:
+        while True:
+            await trio.sleep(1.0)
+            row = self._progress_row(running, lines)
+            try:
+                await self.db.query(
+                    f"UPDATE {self.schema}.migration_requests SET progress = {literal(json.dumps(row))}, "
+                    f"updated_at = NOW(6) WHERE id = {running.request_id}"
+                )
+            except Exception as error:
+                log.warning("migration %d: progress not saved: %s", running.request_id, error)
+
+    async def dependents(self, schema: str, table: str) -> set[str]:
+        """Views and tables whose triggers reach ``schema.table``: statements on
+        them touch the table too.  (Stored functions are not followed: a
+        statement calling one is not recognisable from its text.)"""
+        needle = literal(f"%`{table}`%")
+        views = (await self.db.query(
+            "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.VIEWS "
+            f"WHERE VIEW_DEFINITION LIKE {needle}"
+        )).text_rows()
+        triggers = (await self.db.query(
+            "SELECT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
+            f"WHERE ACTION_STATEMENT LIKE {literal('%' + table + '%')} "
+            f"AND NOT (EVENT_OBJECT_SCHEMA = {literal(schema)} AND EVENT_OBJECT_TABLE = {literal(table)})"
+        )).text_rows()
+        # Our own cut-over triggers live on the original and write the ghost; skip ghost names.
+        return {f"{s}.{t}" for s, t in views + triggers if s and t and not t.startswith("_")}
+
+    # -- operator API (through Control) -------------------------------------------
+
+    async def request(self, schema: str, table: str, alter: str, options: dict[str, str]) -> int:
+        await self.ensure_schema()
+        if not schema or not table or not alter.strip():
+            raise ControlError("schema_name, table_name and alter_statement are required")
+        build_spec(self.settings, schema, table, alter, options, resume=False)  # validate now, answer now
+        active = (await self.db.query(
+            f"SELECT id FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') "
+            f"AND schema_name = {literal(schema)} AND table_name = {literal(table)}"
+        )).text_rows()
+        if active:
+            raise ControlError(f"{schema}.{table} already has an active migration (id {active[0][0]})")
+        result = await self.db.query(
+            f"INSERT INTO {self.schema}.migration_requests (schema_name, table_name, alter_statement, options, "
+            f"state, requested_at, updated_at) VALUES ({literal(schema)}, {literal(table)}, {literal(alter)}, "
+            f"{literal(json.dumps(options))}, 'pending', NOW(6), NOW(6))"
+        )
+        assert result.ok is not None
+        self._wake.set()
+        return result.ok.last_insert_id
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        await self.ensure_schema()
+        rows = (await self.db.query(
+            f"SELECT id, schema_name, table_name, alter_statement, options, state, leader, requested_at, "
+            f"updated_at, error, progress FROM {self.schema}.migration_requests ORDER BY id"
+        )).dicts()
+        out = []
+        for row in rows:
+            request_id = int(row["id"] or 0)
+            running = self.running.get(request_id)
+            progress = running.progress if running and running.progress else json.loads(row["progress"] or "{}")
+            out.append({
+                "id": request_id,
+                "schema_name": row["schema_name"],
+                "table_name": row["table_name"],
+                "alter_statement": row["alter_statement"],
+                "options": row["options"],
+                "state": row["state"] if row["state"] != "running" else progress.get("phase", "running"),
+                "leader": row["leader"],
+                "requested_at": row["requested_at"],
+                "updated_at": row["updated_at"],
+                "rows_copied": progress.get("rows_copied"),
+                "rows_estimate": progress.get("rows_estimate"),
+                "progress_percent": round(100 * progress["rows_copied"] / progress["rows_estimate"], 1)
+                if progress.get("rows_estimate") else None,
+                "rows_per_second": progress.get("rows_per_second"),
+                "eta_seconds": progress.get("eta_seconds"),
+                "binlog_lag_seconds": progress.get("binlog_lag_seconds"),
+                "throttle_reason": progress.get("throttle_reason"),
+                "postponed": progress.get("postponed"),
+                "cut_over_attempts": progress.get("cut_over_attempts"),
+                "last_cut_over_failure": progress.get("last_refusal"),
+                "error": row["error"],
+                "message": progress.get("last_line"),
+            })
+        return out
+
+    async def sidecars(self) -> builtins.list[dict[str, Any]]:
+        await self.ensure_schema()
+        rows: builtins.list[dict[str, Any]] = (await self.db.query(
+            f"SELECT s.id, s.host, s.pid, s.listen, s.started_at, s.heartbeat_at, s.holding, "
+            f"TIMESTAMPDIFF(MICROSECOND, s.heartbeat_at, NOW(6)) / 1e6 AS heartbeat_age, "
+            f"(SELECT CONCAT(a.table_key, '#', a.epoch, ' ', a.result) FROM {self.schema}.hold_acks a "
+            f" WHERE a.sidecar = s.id ORDER BY a.at DESC LIMIT 1) AS last_ack "
+            f"FROM {self.schema}.sidecars s ORDER BY s.id"
+        )).dicts()
+        for row in rows:
+            row["live"] = float(row["heartbeat_age"] or 1e9) < 3.0
+            row["this_sidecar"] = row["id"] == self.fleet.id
+        return rows
+
+    async def command(self, request_id: int, name: str, value: str | None) -> None:
+        await self.ensure_schema()
+        rows = (await self.db.query(
+            f"SELECT state, control FROM {self.schema}.migration_requests WHERE id = {int(request_id)}"
+        )).text_rows()
+        if not rows:
+            raise ControlError(f"no migration with id {request_id}")
+        state = rows[0][0]
+        if state not in ACTIVE:
+            raise ControlError(f"migration {request_id} is {state}; only pending or running migrations take commands")
+        self._check_command(name, value)
+        running = self.running.get(request_id)
+        if running is not None:
+            self._apply(running, name, value)
+            return
+        if state == "pending" and name == "cancel":
+            await self._finish_request(request_id, "cancelled", "cancelled before it started")
+            return
+        # Another sidecar leads it: leave the command on the row for the leader.
+        pending = json.loads(rows[0][1] or "[]")
+        pending.append([name, value])
+        await self.db.query(
+            f"UPDATE {self.schema}.migration_requests SET control = {literal(json.dumps(pending))} "
+            f"WHERE id = {int(request_id)}"
+        )
+
+    def _check_command(self, name: str, value: str | None) -> None:
+        if name in ("throttle", "cancel"):
+            return
+        if name == "postpone":
+            if value not in ("0", "1"):
+                raise ControlError("postponed must be 0 or 1")
+            return
+        if name.startswith("set:"):
+            option = name[4:]
+            if option not in RUNTIME_OPTIONS:
+                raise ControlError(
+                    f"{option} cannot change while a migration runs (runtime options: {', '.join(RUNTIME_OPTIONS)}); "
+                    "set it when starting the migration"
+                )
+            if option == "chunk_size" and not (value or "").isdigit():
+                raise ControlError("chunk_size must be a positive integer")
+            return
+        raise ControlError(f"unknown command {name!r}")
+
+    def _apply(self, running: Running, name: str, value: str | None) -> None:
+        migration = running.migration
+        if name == "throttle":
+            migration.throttle(value)
+        elif name == "postpone":
+            migration.postpone(value == "1")
+        elif name == "cancel":
+            migration.cancel()
+        elif name == "set:chunk_size" and value:
+            sizer = getattr(migration, "_sizer", None)
+            if sizer is not None:
+                sizer.size = max(1, int(value))
+        log.info("migration %d: %s %s", running.request_id, name, value)
+
+    async def _apply_remote_commands(self, request_id: int, control: str | None) -> None:
+        if not control:
+            return
+        running = self.running.get(request_id)
+        if running is None:
+            return
+        await self.db.query(
+            f"UPDATE {self.schema}.migration_requests SET control = NULL WHERE id = {request_id}"
+        )
+        for name, value in json.loads(control):
+            self._apply(running, str(name), value)
+
+
+class _AnnouncingGate:
+    """FleetGate plus bookkeeping the runner does not know about."""
+
+    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None) -> None:
+        self.gate = gate
+        self._on_cutover = on_cutover
+        self._announced = False
+
+    async def hold(self, schema: str, table: str, *, drain_timeout: float, hold_timeout: float) -> bool:
+        if not self._announced:
+            await self.gate.announce(schema, table)  # sidecars start polling fast
+            self._announced = True
+            await trio.sleep(0.05)
+        held = await self.gate.hold(schema, table, drain_timeout=drain_timeout, hold_timeout=hold_timeout)
+        if not held and self._on_cutover is not None:
+            self._on_cutover("drain_timeout")
+        return held
+
+    async def release(self, schema: str, table: str) -> None:
+        await self.gate.release(schema, table)
+
