@@ -13,6 +13,7 @@ server itself reports.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Awaitable, Callable
@@ -661,6 +662,62 @@ async def test_server_side_cursor_fetch(
     assert ok_or_eof_status(proxied, labels["fetch the rest"][-1]) & SERVER_STATUS_LAST_ROW_SENT
     state = await assert_state_matches(tidegate, primary, proxied)
     assert len(state["prepared"]) == 3
+
+
+@pytest.mark.parametrize(
+    "capabilities", [NO_EOF, WITH_EOF_DEPRECATED], ids=["eof", "deprecate_eof"]
+)
+async def test_payloads_of_16_mib_and_more(
+    tidegate: RunningProxy, primary: sandbox.Instance, database: str, capabilities: int
+) -> None:
+    """Packets over the 16 MiB frame limit both ways, and exactly 0xFFFFFF long (which
+    ends with an empty continuation frame), in the text and the binary protocol."""
+    hexed = bytes(range(256)) * (8704 * 4)  # 8.5 MiB, 17 MiB as hex
+    big = hexed * 2 + b"tail"  # 17 MiB + 4
+    exact_text = 0xFFFFFF - 4  # text row: 0xfd + 3-byte length + value
+    exact_binary = 0xFFFFFF - 6  # binary row: header, NULL bitmap, 0xfd + 3 bytes, value
+    exact_query = 0xFFFFFF - 1 - len("SELECT LENGTH('')")
+
+    # Client -> server sizes do not depend on the capabilities: send them once.
+    upload = capabilities == WITH_EOF_DEPRECATED
+
+    async def scenario(raw: Raw) -> None:
+        await raw.query("CREATE TEMPORARY TABLE big (id INT PRIMARY KEY, b LONGBLOB)")
+        # client -> server: COM_QUERY of 18 MiB and COM_STMT_EXECUTE of 17 MiB
+        await raw.query(f"INSERT INTO big VALUES (1, x'{hexed.hex()}')")
+        insert, _ = await raw.prepare("INSERT INTO big VALUES (?, ?)")
+        if upload:
+            await raw.command(
+                execute_payload(insert, [p_int(2, T_LONG), p_str(big, T_BLOB)]), "execute 17 MiB"
+            )
+            # ... and a payload of exactly 0xFFFFFF bytes (then an empty frame)
+            await raw.command(
+                bytes((COM_QUERY,)) + b"SELECT LENGTH('" + b"q" * exact_query + b"')",
+                "exact query",
+            )
+        else:
+            await raw.query("INSERT INTO big SELECT 2, CONCAT(REPEAT(b, 2), 'tail') FROM big")
+        # server -> client: rows over 16 MiB whose first byte is 0xfe (8-byte length)
+        await raw.query("SELECT b, id FROM big ORDER BY id")
+        select, _ = await raw.prepare("SELECT b, id FROM big WHERE id >= ? ORDER BY id")
+        await raw.command(execute_payload(select, [p_int(0)]), "binary rows")
+        # rows of exactly 0xFFFFFF bytes
+        await raw.query(f"SELECT REPEAT('a', {exact_text})")
+        repeat, _ = await raw.prepare("SELECT REPEAT('b', ?)")
+        await raw.command(execute_payload(repeat, [p_int(exact_binary)]), "exact binary row")
+        await raw.query("SELECT MD5(b), LENGTH(b) FROM big ORDER BY id")
+
+    _direct, proxied = await both(tidegate, primary, database, capabilities, scenario)
+    labels = dict(proxied.transcript)
+    if upload:
+        assert _text_rows(labels["exact query"])[0][0] == str(exact_query).encode()
+    (row,) = [p for p in labels[f"SELECT REPEAT('a', {exact_text})"] if len(p) > 1000]
+    assert len(row) == 0xFFFFFF
+    rows = [p for p in labels["SELECT b, id FROM big ORDER BY id"] if len(p) > 1000]
+    assert rows[1][:1] == b"\xfe" and rows[1][9 : 9 + len(big)] == big
+    assert any(len(p) == 0xFFFFFF for p in labels["exact binary row"])
+    digests = _text_rows(proxied.transcript[-1][1])
+    assert digests[1] == (hashlib.md5(big).hexdigest().encode(), str(len(big)).encode())
 
 
 def ok_or_eof_status(raw: Raw, payload: bytes) -> int:
