@@ -1,21 +1,17 @@
-"""The admin SQL port (work in progress: listens, not yet serving)."""
+"""The admin SQL port: operators use any MySQL client to see and steer tidegate.
 
-from __future__ import annotations
+In the spirit of ProxySQL's admin port, state is tables (``sessions``,
+``backends``, ``holds``, ``stats``, ``settings``, ``migrations``,
+``sidecars``) and changes are ``INSERT``/``UPDATE`` on ``migrations`` plus a
+few verbs (``CANCEL MIGRATION 3``).  Unlike ProxySQL nothing is staged: every
+statement acts at once, and every SELECT shows what is live.  See
+docs/admin.md.
 
-import trio
+``tables`` and ``statements`` are pure (SQL in, rows or commands out);
+``session`` dispatches to ``proxy.control``; ``server`` runs mysql-mimic
+inside trio through trio-asyncio.
+"""
 
-from proxy.config import AdminConfig
-from proxy.control import Control
+from proxy.admin.server import serve_admin
 
-
-async def serve_admin(
-    control: Control, config: AdminConfig, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
-) -> None:
-    listeners = await trio.open_tcp_listeners(config.listen[1], host=config.listen[0])
-    host, port = listeners[0].socket.getsockname()[:2]
-    task_status.started((host, port))
-    await trio.serve_listeners(_refuse, listeners)
-
-
-async def _refuse(stream: trio.SocketStream) -> None:
-    await stream.aclose()
+__all__ = ["serve_admin"]

@@ -1,0 +1,262 @@
+"""One admin client's session: admin SQL in, ``proxy.control`` calls out.
+
+mysql-mimic runs it on asyncio (inside trio, through trio-asyncio); every
+call into the proxy crosses back into trio with ``trio_as_aio`` so it sees
+the proxy's state from trio's side.  Bad input never escapes as a traceback:
+everything a statement can raise becomes a ``MysqlError`` with a MySQL code
+and a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlglot.errors
+import trio_asyncio
+from mysql_mimic import ResultColumn, Session
+from mysql_mimic.errors import MysqlError
+from mysql_mimic.types import ColumnType
+from mysql_mimic.variables import SessionVariables, Variables
+from sqlglot import exp
+
+from proxy.admin.statements import (
+    ChangeMigration,
+    MigrationVerb,
+    StartMigration,
+    change_from_update,
+    describe,
+    option_text,
+    parse_verb,
+    refuse,
+    start_from_insert,
+)
+from proxy.admin.tables import (
+    ER_BAD_DB_ERROR,
+    ER_PARSE_ERROR,
+    ER_UNKNOWN_ERROR,
+    MIGRATIONS,
+    SCHEMA_NAME,
+    TABLES,
+    AdminError,
+    Row,
+    info_schema,
+    referenced_tables,
+    run_select,
+)
+from proxy.control import Control, ControlError
+
+log = logging.getLogger("tidegate.admin")
+
+T = TypeVar("T")
+
+DATABASES = (SCHEMA_NAME, "information_schema")
+
+#: tables whose rows come from the migration service (may be disabled)
+_SERVICE_TABLES = ("migrations", "sidecars")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the OK packet of a statement that changed something reports."""
+
+    affected_rows: int = 0
+    last_insert_id: int = 0
+    info: str = ""
+
+
+class AdminSession(Session):  # type: ignore[misc]
+    database: str | None
+
+    def __init__(self, control: Control, global_variables: Variables) -> None:
+        super().__init__(SessionVariables(global_variables))
+        self.control = control
+        self.outcome: Outcome | None = None
+        self.last_insert_id = 0
+        self.middlewares.insert(0, self._last_insert_id_middleware)
+
+    # -- mysql-mimic hooks ---------------------------------------------------
+
+    async def init(self, connection: Any) -> None:
+        await super().init(connection)
+        if self.database is None or self.database.lower() not in DATABASES:
+            self.database = SCHEMA_NAME
+
+    async def use(self, database: str) -> None:
+        if database.lower() not in DATABASES:
+            raise MysqlError(
+                f"Unknown database '{database}': the admin port has {' and '.join(DATABASES)}",
+                ER_BAD_DB_ERROR,
+            )
+        self.database = database.lower()
+
+    async def schema(self) -> dict[str, Any]:
+        live: dict[str, list[str]] = {}
+        for name in ("holds", *_SERVICE_TABLES):
+            try:
+                rows = await self._rows(name)
+            except ControlError:
+                continue
+            live[name] = TABLES[name].column_names(rows)
+        return info_schema(live)
+
+    async def handle_query(self, sql: str, attrs: dict[str, str]) -> Any:
+        self.outcome = None
+        try:
+            verb = parse_verb(sql)
+            if verb is not None:
+                await self._run_verb(verb)
+                return None
+            return await super().handle_query(sql, attrs)
+        except MysqlError:
+            raise
+        except AdminError as error:
+            raise MysqlError(error.message, error.code) from None
+        except ControlError as error:
+            raise MysqlError(str(error), ER_UNKNOWN_ERROR) from None
+        except sqlglot.errors.ParseError as error:
+            raise MysqlError(_syntax_message(error), ER_PARSE_ERROR) from None
+        except sqlglot.errors.SqlglotError as error:
+            raise MysqlError(f"cannot run this statement: {_first_line(error)}", ER_UNKNOWN_ERROR) from None
+        except Exception as error:
+            log.exception("admin statement failed: %s", sql)
+            raise MysqlError(f"internal error ({type(error).__name__}): {error}", ER_UNKNOWN_ERROR) from None
+
+    async def query(self, expression: exp.Expression, sql: str, attrs: dict[str, str]) -> Any:
+        if isinstance(expression, exp.Query):
+            return await self._select(expression)
+        if isinstance(expression, exp.Insert):
+            return await self._start(start_from_insert(expression))
+        if isinstance(expression, exp.Update):
+            readable = MIGRATIONS.column_names()
+            try:
+                readable = MIGRATIONS.column_names(await self._rows("migrations"))
+            except ControlError:
+                pass
+            return await self._change(change_from_update(expression, readable))
+        raise refuse(expression)
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _rows(self, table: str) -> list[Row]:
+        control = self.control
+        readers: dict[str, Callable[[], Awaitable[list[dict[str, Any]]]]] = {
+            "migrations": control.migrations,
+            "sidecars": control.sidecars,
+        }
+        reader = readers.get(table)
+        if reader is None:
+            method: Callable[[], list[dict[str, Any]]] = getattr(control, table)
+
+            async def read() -> list[dict[str, Any]]:
+                return method()
+
+            reader = read
+        return list(await self._in_trio(reader))
+
+    async def _select(self, query: exp.Expression) -> Any:
+        tables = referenced_tables(query)
+        rows = {table.name: await self._rows(table.name) for table in tables}
+        result = run_select(query, rows)
+        columns = [
+            ResultColumn(name=name, type=ColumnType[kind])
+            for name, kind in zip(result.columns, result.types, strict=True)
+        ]
+        return result.rows, columns
+
+    # -- commands ------------------------------------------------------------
+
+    async def _in_trio(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        result: T = await trio_asyncio.trio_as_aio(function)(*args)
+        return result
+
+    async def _start(self, start: StartMigration) -> None:
+        migration_id = await self._in_trio(
+            self.control.start_migration, start.schema, start.table, start.alter, start.options
+        )
+        self.last_insert_id = migration_id
+        self.outcome = Outcome(
+            affected_rows=1,
+            last_insert_id=migration_id,
+            info=f"migration {migration_id} requested for {start.schema}.{start.table}; "
+            f"follow it with SELECT * FROM migrations WHERE id = {migration_id}",
+        )
+
+    async def _change(self, change: ChangeMigration) -> None:
+        done: list[str] = []
+        for column, value in change.changes:
+            text = f"{column}={describe(value)}"
+            try:
+                if column == "throttle":
+                    assert value is None or isinstance(value, str)
+                    await self._in_trio(self.control.throttle, change.migration_id, value)
+                elif column == "postponed":
+                    await self._in_trio(self.control.postpone, change.migration_id, bool(value))
+                else:
+                    await self._in_trio(
+                        self.control.set_option, change.migration_id, column, option_text(value)
+                    )
+            except ControlError as error:
+                if not done:
+                    raise
+                # Some changes are live already: say which, so nobody assumes all or none.
+                raise ControlError(
+                    f"{error} (setting {text}; already applied to migration "
+                    f"{change.migration_id}: {', '.join(done)})"
+                ) from None
+            done.append(text)
+        self.outcome = Outcome(
+            affected_rows=1,
+            info=f"migration {change.migration_id}: {', '.join(done)} applied now (nothing staged)",
+        )
+
+    async def _run_verb(self, verb: MigrationVerb) -> None:
+        control, migration_id = self.control, verb.migration_id
+        if verb.verb == "cancel":
+            await self._in_trio(control.cancel, migration_id)
+            info = "cancel requested"
+        elif verb.verb == "cut_over":
+            await self._in_trio(control.cut_over, migration_id)
+            info = "cut-over allowed now (postpone lifted)"
+        elif verb.verb == "postpone":
+            await self._in_trio(control.postpone, migration_id, True)
+            info = "cut-over postponed until CUT OVER MIGRATION"
+        elif verb.verb == "throttle":
+            await self._in_trio(control.throttle, migration_id, verb.reason)
+            info = f"throttled: {verb.reason}"
+        else:
+            await self._in_trio(control.throttle, migration_id, None)
+            info = "admin throttle lifted"
+        self.outcome = Outcome(affected_rows=1, info=f"migration {migration_id}: {info}")
+
+    # -- middleware ----------------------------------------------------------
+
+    async def _last_insert_id_middleware(self, q: Any) -> Any:
+        """``SELECT LAST_INSERT_ID()``: the id of this session's last INSERT INTO migrations."""
+
+        def replace(node: exp.Expression) -> exp.Expression:
+            if isinstance(node, exp.Anonymous) and str(node.this).upper() == "LAST_INSERT_ID":
+                return exp.Literal.number(self.last_insert_id)
+            return node
+
+        q.expression = q.expression.transform(replace)
+        return await q.next()
+
+
+def _first_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _syntax_message(error: sqlglot.errors.ParseError) -> str:
+    if error.errors:
+        first = error.errors[0]
+        near = f"{first.get('highlight') or ''}{first.get('end_context') or ''}".strip()
+        return (
+            f"You have an error in your admin SQL syntax: {first.get('description')} "
+            f"near '{near[:60]}' at line {first.get('line')}, column {first.get('col')}"
+        )
+    return f"You have an error in your admin SQL syntax: {_first_line(error)}"
