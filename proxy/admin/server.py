@@ -177,7 +177,11 @@ class AdminConnection(Connection):  # type: ignore[misc]
             await self.stream.write(self.ok())
             return
         await self.stream.write(
-            self.ok(affected_rows=outcome.affected_rows, last_insert_id=outcome.last_insert_id)
+            self.ok(
+                affected_rows=outcome.affected_rows,
+                last_insert_id=outcome.last_insert_id,
+                warnings=len(outcome.warnings),
+            )
             # Length-encoded, as MySQL and MariaDB servers send it (libmariadb requires it).
             + str_len(outcome.info.encode())
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +51,9 @@ from proxy.control import Control, ControlError
 
 log = logging.getLogger("tidegate.admin")
 
+_SHOW_WARNINGS = re.compile(r"\s*SHOW\s+(COUNT\s*\(\s*\*\s*\)\s+)?WARNINGS", re.I)
+_FINISHED = ("complete", "failed", "cancelled")
+
 T = TypeVar("T")
 
 DATABASES = (SCHEMA_NAME, "information_schema")
@@ -66,6 +69,8 @@ class Outcome:
     affected_rows: int = 0
     last_insert_id: int = 0
     info: str = ""
+    #: also the answer to SHOW WARNINGS until the next statement
+    warnings: tuple[str, ...] = ()
 
 
 class AdminSession(Session):  # type: ignore[misc]
@@ -75,6 +80,7 @@ class AdminSession(Session):  # type: ignore[misc]
         super().__init__(SessionVariables(global_variables))
         self.control = control
         self.outcome: Outcome | None = None
+        self.warnings: tuple[str, ...] = ()
         self.last_insert_id = 0
         self.middlewares.insert(0, self._last_insert_id_middleware)
 
@@ -105,6 +111,8 @@ class AdminSession(Session):  # type: ignore[misc]
 
     async def handle_query(self, sql: str, attrs: dict[str, str]) -> Any:
         self.outcome = None
+        if not _SHOW_WARNINGS.match(sql):
+            self.warnings = ()
         try:
             verb = parse_verb(sql)
             if verb is not None:
@@ -138,6 +146,13 @@ class AdminSession(Session):  # type: ignore[misc]
                 pass
             return await self._change(change_from_update(expression, readable))
         raise refuse(expression)
+
+    def _show_warnings(self, show: Any) -> Any:
+        return [("Warning", ER_UNKNOWN_ERROR, text) for text in self.warnings], ["Level", "Code", "Message"]
+
+    def _finish(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.warnings = outcome.warnings
 
     # -- reads ---------------------------------------------------------------
 
@@ -178,12 +193,12 @@ class AdminSession(Session):  # type: ignore[misc]
             self.control.start_migration, start.schema, start.table, start.alter, start.options
         )
         self.last_insert_id = migration_id
-        self.outcome = Outcome(
+        self._finish(Outcome(
             affected_rows=1,
             last_insert_id=migration_id,
             info=f"migration {migration_id} requested for {start.schema}.{start.table}; "
             f"follow it with SELECT * FROM migrations WHERE id = {migration_id}",
-        )
+        ))
 
     async def _change(self, change: ChangeMigration) -> None:
         done: list[str] = []
@@ -202,19 +217,17 @@ class AdminSession(Session):  # type: ignore[misc]
             except ControlError as error:
                 if not done:
                     raise
-                # Some changes are live already: say which, so nobody assumes all or none.
+                # Earlier changes were accepted: say which, so nobody assumes all or none.
                 raise ControlError(
-                    f"{error} (setting {text}; already applied to migration "
+                    f"{error} (setting {text}; already accepted for migration "
                     f"{change.migration_id}: {', '.join(done)})"
                 ) from None
             done.append(text)
-        self.outcome = Outcome(
-            affected_rows=1,
-            info=f"migration {change.migration_id}: {', '.join(done)} applied now (nothing staged)",
-        )
+        self._finish(await self._effect(change.migration_id, ", ".join(done)))
 
     async def _run_verb(self, verb: MigrationVerb) -> None:
         control, migration_id = self.control, verb.migration_id
+        info: str
         if verb.verb == "cancel":
             await self._in_trio(control.cancel, migration_id)
             info = "cancel requested"
@@ -230,7 +243,39 @@ class AdminSession(Session):  # type: ignore[misc]
         else:
             await self._in_trio(control.throttle, migration_id, None)
             info = "admin throttle lifted"
-        self.outcome = Outcome(affected_rows=1, info=f"migration {migration_id}: {info}")
+        self._finish(await self._effect(migration_id, info))
+
+    async def _effect(self, migration_id: int, what: str) -> Outcome:
+        """Say whether a command is in force now or only recorded for another sidecar.
+
+        The service applies a command at once to a migration this sidecar
+        leads; otherwise it leaves it on the migration's row for the leader
+        (or for whoever starts it).  An operator must not mistake the second
+        for the first: the OK text says which, and a recorded command is a
+        warning too.
+        """
+
+        async def led_here() -> bool:
+            running = getattr(self.control.app.migrations, "running", None)
+            return isinstance(running, Mapping) and migration_id in running
+
+        if await self._in_trio(led_here):
+            return Outcome(affected_rows=1, info=f"migration {migration_id}: {what}: in force now (led by this sidecar)")
+        row: Row = {}
+        try:
+            row = next((r for r in await self._rows("migrations") if r.get("id") == migration_id), {})
+        except ControlError:
+            pass
+        state, leader = row.get("state"), row.get("leader")
+        if state in _FINISHED:
+            return Outcome(affected_rows=1, info=f"migration {migration_id}: {what}: it is {state} now")
+        if state == "pending" or not leader:
+            note = (f"migration {migration_id}: {what}: recorded, not in force yet: the migration has not "
+                    "started; it takes effect when a sidecar starts leading it")
+        else:
+            note = (f"migration {migration_id}: {what}: recorded, not in force yet: sidecar {leader} leads it "
+                    "and applies it at its next poll")
+        return Outcome(affected_rows=1, info=note, warnings=(note,))
 
     # -- middleware ----------------------------------------------------------
 

@@ -267,7 +267,6 @@ def literal_value(node: exp.Expression, column: str) -> Value:
 _INSERT_REQUIRED = ("schema_name", "table_name", "alter_statement")
 _INSERT_POSITIONAL = (*_INSERT_REQUIRED, "options")
 _INSERT_COLUMNS = (*_INSERT_POSITIONAL, *_START_KNOBS)
-_SYNONYMS = {"alter_text": "alter_statement"}
 
 
 def _read_only_table(table: str, verb: str) -> AdminError:
@@ -319,7 +318,7 @@ def start_from_insert(statement: exp.Insert) -> StartMigration:
         raise AdminError(ER_WRONG_VALUE_COUNT, "Column count doesn't match value count at row 1")
     given: dict[str, Value] = {}
     for raw_name, node in zip(names, values, strict=True):
-        name = _SYNONYMS.get(raw_name.lower(), raw_name.lower())
+        name = raw_name.lower()
         if name not in _INSERT_COLUMNS:
             if name in MIGRATIONS.column_names() or name in WRITABLE:
                 raise AdminError(

@@ -175,7 +175,8 @@ SETTINGS = Table(
 
 #: the runtime knobs of a running migration, as ``UPDATE migrations SET ...``
 MIGRATION_WRITABLE = (
-    _c("throttle", "TEXT", "a reason string throttles the copy; NULL lifts the admin throttle"),
+    _c("throttle", "TEXT", "a reason string throttles the copy; NULL lifts the admin throttle "
+       "(throttle_reason shows the effect)"),
     _c("postponed", "TINYINT", "1 postpones the cut-over, 0 lets it happen"),
     _c("chunk_size", "BIGINT", "rows per copy chunk (the chunker adapts from here)"),
     _c("max_load", "TEXT", "throttle above these, e.g. 'Threads_running=25,Threads_connected=500'"),
@@ -185,14 +186,31 @@ MIGRATION_WRITABLE = (
 
 MIGRATIONS = Table(
     "migrations",
-    "online schema changes (all sidecars' view, from the state schema); "
+    "online schema changes requested on any sidecar (the state schema's view); "
     "INSERT starts one, UPDATE changes a running one",
     (
         _c("id", "BIGINT", "migration id"),
         _c("schema_name", "TEXT", "schema of the table"),
         _c("table_name", "TEXT", "table being altered"),
-        _c("alter_text", "TEXT", "the ALTER clause"),
-        _c("phase", "TEXT", "pending, copying, verifying, ready, postponed, cutting_over, complete, ..."),
+        _c("alter_statement", "TEXT", "the ALTER clause"),
+        _c("options", "TEXT", "options given at start (JSON object)"),
+        _c("state", "TEXT", "pending, then the migrator's phase (validating, copying, verifying, ready, "
+           "postponed, cutting_over), then complete, failed or cancelled"),
+        _c("leader", "TEXT", "id of the sidecar running it (see sidecars)"),
+        _c("requested_at", "DATETIME", "when it was requested"),
+        _c("updated_at", "DATETIME", "last progress report"),
+        _c("rows_copied", "BIGINT", "rows copied into the new table so far"),
+        _c("rows_estimate", "BIGINT", "rows the copy expects"),
+        _c("progress_percent", "DOUBLE", "rows_copied / rows_estimate, in percent"),
+        _c("rows_per_second", "DOUBLE", "copy rate"),
+        _c("eta_seconds", "DOUBLE", "estimated time left for the copy"),
+        _c("binlog_lag_seconds", "DOUBLE", "how far the change stream is behind"),
+        _c("throttle_reason", "TEXT", "why the copy waits now (load, lag or an admin throttle); NULL if it does not"),
+        _c("postponed", "TINYINT", "1 while the cut-over is postponed"),
+        _c("cut_over_attempts", "BIGINT", "cut-over attempts so far"),
+        _c("last_cut_over_failure", "TEXT", "why the last cut-over attempt was abandoned"),
+        _c("error", "TEXT", "why it failed or was cancelled"),
+        _c("message", "TEXT", "the migrator's last status line"),
     ),
     writable=MIGRATION_WRITABLE,
     open_ended=True,
@@ -200,7 +218,7 @@ MIGRATIONS = Table(
 
 SIDECARS = Table(
     "sidecars",
-    "live sidecars registered in the state schema, with their hold acknowledgements",
+    "sidecars registered in the state schema, with their last hold acknowledgement",
     (
         _c("id", "TEXT", "sidecar id"),
         _c("host", "TEXT", "host it runs on"),
@@ -209,6 +227,10 @@ SIDECARS = Table(
         _c("started_at", "DATETIME", "registration time"),
         _c("heartbeat_at", "DATETIME", "last heartbeat"),
         _c("holding", "TEXT", "table it is holding now, if any"),
+        _c("heartbeat_age", "DOUBLE", "seconds since the last heartbeat"),
+        _c("last_ack", "TEXT", "its last hold acknowledgement: table#epoch result"),
+        _c("live", "TINYINT", "1 if its heartbeat is recent (it takes part in cut-overs)"),
+        _c("this_sidecar", "TINYINT", "1 for the sidecar this admin port belongs to"),
     ),
     open_ended=True,
 )

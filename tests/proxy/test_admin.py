@@ -36,60 +36,57 @@ ADMIN_PASSWORD = "admin-secret"
 
 
 
+def _migration(migration_id: int, table: str, state: str, leader: str | None, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": migration_id, "schema_name": "shop", "table_name": table,
+        "alter_statement": "ADD COLUMN note TEXT", "options": "{}", "state": state, "leader": leader,
+        "requested_at": None, "updated_at": None, "rows_copied": None, "rows_estimate": None,
+        "progress_percent": None, "rows_per_second": None, "eta_seconds": None,
+        "binlog_lag_seconds": None, "throttle_reason": None, "postponed": None,
+        "cut_over_attempts": None, "last_cut_over_failure": None, "error": None, "message": None,
+    }
+    row.update(extra)
+    return row
+
+
 class FakeService:
-    """Stands in for the migration service: records what the admin port asks."""
+    """Stands in for the migration service: records what the admin port asks.
+
+    Migration 3 is led by this sidecar (it is in ``running``), 42 by another
+    sidecar, 7 is pending and 8 is complete.
+    """
 
     def __init__(self) -> None:
-        self.running: dict[int, Any] = {}
+        self.running: dict[int, Any] = {3: object()}
         self.calls: list[tuple[Any, ...]] = []
-        self.next_id = 41
-        self.known = {3, 42}
+        self.next_id = 100
+        self.rows = [
+            _migration(3, "orders", "copying", "pod-a", rows_copied=250, rows_estimate=1000,
+                       progress_percent=25.0, eta_seconds=120.0, postponed=True, cut_over_attempts=0,
+                       options='{"chunk_size": "2000"}'),
+            _migration(7, "carts", "pending", None),
+            _migration(8, "users", "complete", "pod-a", cut_over_attempts=2),
+            _migration(42, "items", "copying", "pod-b", throttle_reason="deploy", postponed=False,
+                       cut_over_attempts=1, last_cut_over_failure="drain timeout: session 12"),
+        ]
 
     async def list(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "id": 3,
-                "schema_name": "shop",
-                "table_name": "orders",
-                "alter_text": "ADD COLUMN note TEXT",
-                "phase": "copying",
-                "progress": 0.25,
-                "eta_seconds": 120,
-                "throttle": None,
-                "postponed": True,
-                "cut_over_attempts": 0,
-                "options": {"chunk_size": "2000"},
-            },
-            {
-                "id": 42,
-                "schema_name": "shop",
-                "table_name": "items",
-                "alter_text": "ADD INDEX (sku)",
-                "phase": "complete",
-                "progress": 1.0,
-                "eta_seconds": None,
-                "throttle": "deploy",
-                "postponed": False,
-                "cut_over_attempts": 2,
-                "options": {},
-            },
-        ]
+        return self.rows
 
     async def sidecars(self) -> builtins.list[dict[str, Any]]:
         return [{"id": "pod-a", "host": "10.0.0.5", "pid": 7, "listen": "127.0.0.1:6033",
-                 "holding": None, "hold_ack": "ok"}]
+                 "holding": None, "last_ack": "shop.orders#3 ok", "live": True, "this_sidecar": True}]
 
     async def request(self, schema: str, table: str, alter: str, options: dict[str, str]) -> int:
         self.calls.append(("request", schema, table, alter, options))
         self.next_id += 1
-        self.known.add(self.next_id)
         return self.next_id
 
     async def command(self, migration_id: int, name: str, value: str | None) -> None:
-        if migration_id not in self.known:
+        if migration_id not in {row["id"] for row in self.rows}:
             raise ControlError(f"no migration with id {migration_id}")
         if name == "set:max_load" and value == "Threads_running=999":
-            raise ControlError("max_load: Threads_running=999 is above critical_load")
+            raise ControlError("max_load cannot change while a migration runs")
         self.calls.append(("command", migration_id, name, value))
 
 
@@ -155,6 +152,11 @@ def dicts(connection: Connection, sql: str) -> list[dict[str, Any]]:
     with connection.cursor(pymysql.cursors.DictCursor) as cursor:
         cursor.execute(sql)
         return list(cursor.fetchall())
+
+
+def info_of(connection: Connection) -> str:
+    """The OK packet's info text (pymysql keeps its length prefix)."""
+    return bytes(connection._result.message).decode("utf-8", "replace")
 
 
 def error_of(connection: Connection, sql: str) -> tuple[int, str]:
@@ -255,7 +257,8 @@ ERRORS = [
     ("DELETE FROM migrations WHERE id = 1", 1235, "stop a migration with CANCEL MIGRATION <id>"),
     ("UPDATE migrations SET chunk_size = 100", 1175, "needs WHERE id = <n>"),
     ("UPDATE migrations SET chunk_size = 100 WHERE table_name = 't'", 1175, "needs WHERE id = <n>"),
-    ("UPDATE migrations SET phase = 'complete' WHERE id = 3", 1348, "Column 'phase' is read-only; writable columns: throttle"),
+    ("UPDATE migrations SET state = 'complete' WHERE id = 3", 1348, "Column 'state' is read-only; writable columns: throttle"),
+    ("UPDATE migrations SET throttle_reason = NULL WHERE id = 3", 1348, "Column 'throttle_reason' is read-only"),
     ("UPDATE migrations SET colour = 'red' WHERE id = 3", 1054, "Unknown column 'colour' in table migrations"),
     ("UPDATE migrations SET chunk_size = 0 WHERE id = 3", 1231, "chunk_size must be positive"),
     ("UPDATE migrations SET chunk_size = 'lots' WHERE id = 3", 1231, "chunk_size takes an integer"),
@@ -266,7 +269,7 @@ ERRORS = [
     ("UPDATE migrations SET chunk_size = 5, chunk_size = 6 WHERE id = 3", 1231, "set twice"),
     ("INSERT INTO migrations (schema_name, table_name) VALUES ('a', 'b')", 1364, "Field 'alter_statement' doesn't have a default"),
     ("INSERT INTO migrations (schema_name, table_name, alter_statement, colour) VALUES ('a', 'b', 'c', 'd')", 1054, "Unknown column 'colour' in INSERT INTO migrations"),
-    ("INSERT INTO migrations (schema_name, table_name, alter_statement, phase) VALUES ('a', 'b', 'c', 'd')", 1348, "Column 'phase' cannot be set by INSERT"),
+    ("INSERT INTO migrations (schema_name, table_name, alter_statement, state) VALUES ('a', 'b', 'c', 'd')", 1348, "Column 'state' cannot be set by INSERT"),
     ("INSERT INTO migrations (schema_name, table_name, alter_statement, options) VALUES ('a', 'b', 'c', 'chunk_size')", 1231, "options: expected name=value pairs"),
     ("INSERT INTO migrations (schema_name, table_name, alter_statement, options) VALUES ('a', 'b', 'c', 'a=1,a=2')", 1231, "options: a given twice"),
     ("INSERT INTO migrations VALUES ('a', 'b')", 1136, "Column count doesn't match"),
@@ -303,7 +306,8 @@ def test_partial_update_says_what_was_applied(admin: Connection, service: FakeSe
         admin, "UPDATE migrations SET chunk_size = 500, max_load = 'Threads_running=999' WHERE id = 3"
     )
     assert code == 1105
-    assert "above critical_load" in message and "already applied to migration 3: chunk_size=500" in message
+    assert "cannot change while a migration runs" in message
+    assert "already accepted for migration 3: chunk_size=500" in message
     assert service.calls == [("command", 3, "set:chunk_size", "500")]
 
 
@@ -417,14 +421,14 @@ def test_insert_starts_a_migration(admin: Connection, service: FakeService) -> N
             "VALUES ('shop', 'orders', 'ADD COLUMN note TEXT', "
             "'chunk_size=2000, postpone=1, max_load=\"Threads_running=25,Threads_connected=500\"')"
         )
-        assert affected == 1 and cursor.lastrowid == 42
-    assert admin.insert_id() == 42
-    assert rows(admin, "SELECT LAST_INSERT_ID()") == [(42,)]
-    # Knobs as columns, alter_text as a synonym, positional values.
-    rows(admin, "INSERT INTO migrations (schema_name, table_name, alter_text, chunk_size, postponed) "
+        assert affected == 1 and cursor.lastrowid == 101
+    assert admin.insert_id() == 101
+    assert rows(admin, "SELECT LAST_INSERT_ID()") == [(101,)]
+    # Knobs as columns; positional values.
+    rows(admin, "INSERT INTO migrations (schema_name, table_name, alter_statement, chunk_size, postponed) "
                 "VALUES ('shop', 'items', 'ADD INDEX (sku)', 500, 1)")
     rows(admin, "INSERT INTO tidegate.migrations VALUES ('shop', 'carts', 'DROP COLUMN legacy')")
-    assert rows(admin, "SELECT LAST_INSERT_ID()") == [(44,)]
+    assert rows(admin, "SELECT LAST_INSERT_ID()") == [(103,)]
     assert service.calls == [
         ("request", "shop", "orders", "ADD COLUMN note TEXT",
          {"chunk_size": "2000", "postpone": "1", "max_load": "Threads_running=25,Threads_connected=500"}),
@@ -441,7 +445,8 @@ def test_update_changes_a_running_migration(admin: Connection, service: FakeServ
             "max_lag_millis = 800 WHERE id = 3"
         ) == 1
     info = admin._result.message
-    assert b"migration 3: throttle='deploy in progress', chunk_size=250" in info and b"nothing staged" in info
+    assert b"migration 3: throttle='deploy in progress', chunk_size=250" in info
+    assert b"in force now (led by this sidecar)" in info and admin._result.warning_count == 0
     rows(admin, "UPDATE migrations SET throttle = NULL, postponed = 0 WHERE (id = 3)")
     rows(admin, "UPDATE migrations SET postponed = TRUE WHERE 3 = id")
     assert service.calls == [
@@ -477,17 +482,43 @@ def test_verbs(admin: Connection, service: FakeService) -> None:
     ]
 
 
+def test_commands_for_another_sidecar_say_they_are_not_in_force(admin: Connection, service: FakeService) -> None:
+    with admin.cursor() as cursor:
+        cursor.execute("UPDATE migrations SET chunk_size = 100 WHERE id = 42")
+        info = info_of(admin)
+        assert "chunk_size=100: recorded, not in force yet: sidecar pod-b leads it" in info
+        assert admin._result.warning_count == 1
+        cursor.execute("SHOW WARNINGS")
+        [(level, _, text)] = cursor.fetchall()
+        assert level == "Warning" and "not in force yet" in text
+        cursor.execute("POSTPONE MIGRATION 7")
+        assert "the migration has not started" in info_of(admin)
+        cursor.execute("CANCEL MIGRATION 8")
+        assert "it is complete now" in info_of(admin)
+        assert admin._result.warning_count == 0
+        cursor.execute("SHOW WARNINGS")
+        assert cursor.fetchall() == ()
+    assert [call[1] for call in service.calls] == [42, 7, 8]
+
+
 @pytest.mark.usefixtures("service")
 def test_migrations_and_sidecars_tables(admin: Connection) -> None:
-    got = dicts(admin, "SELECT id, table_name, phase, progress, throttle, postponed, options "
-                       "FROM migrations WHERE phase <> 'complete'")
-    assert got == [{"id": 3, "table_name": "orders", "phase": "copying", "progress": 0.25,
-                    "throttle": None, "postponed": 1, "options": '{"chunk_size": "2000"}'}]
-    assert rows(admin, "SELECT id FROM migrations WHERE cut_over_attempts > 0 ORDER BY id") == [(42,)]
+    got = dicts(admin, "SELECT id, table_name, state, progress_percent, throttle_reason, postponed, options "
+                       "FROM migrations WHERE state NOT IN ('complete', 'pending') ORDER BY id")
+    assert got == [
+        {"id": 3, "table_name": "orders", "state": "copying", "progress_percent": 25.0,
+         "throttle_reason": None, "postponed": 1, "options": '{"chunk_size": "2000"}'},
+        {"id": 42, "table_name": "items", "state": "copying", "progress_percent": None,
+         "throttle_reason": "deploy", "postponed": 0, "options": "{}"},
+    ]
+    assert rows(admin, "SELECT id, last_cut_over_failure FROM migrations WHERE cut_over_attempts > 0 "
+                       "ORDER BY id DESC LIMIT 1") == [(42, "drain timeout: session 12")]
     fields = [row[0] for row in rows(admin, "SHOW COLUMNS FROM migrations")]
-    assert fields[:5] == ["id", "schema_name", "table_name", "alter_text", "phase"]
-    assert {"progress", "eta_seconds", "cut_over_attempts"} <= set(fields)
-    assert dicts(admin, "SELECT id, hold_ack FROM sidecars") == [{"id": "pod-a", "hold_ack": "ok"}]
+    assert fields[:6] == ["id", "schema_name", "table_name", "alter_statement", "options", "state"]
+    assert {"progress_percent", "eta_seconds", "cut_over_attempts", "last_cut_over_failure"} <= set(fields)
+    assert dicts(admin, "SELECT id, last_ack, live FROM sidecars WHERE this_sidecar") == [
+        {"id": "pod-a", "last_ack": "shop.orders#3 ok", "live": 1}
+    ]
 
 
 # --------------------------------------------------------------------------- the mariadb CLI
@@ -498,7 +529,7 @@ SELECT name, value FROM settings WHERE name = 'limits.max_client_connections';
 INSERT INTO migrations (schema_name, table_name, alter_statement) VALUES ('shop', 'orders', 'ADD COLUMN c INT');
 SELECT LAST_INSERT_ID() AS started;
 SELECT nope FROM sessions;
-THROTTLE MIGRATION 42 'nightly backup';
+THROTTLE MIGRATION 3 'nightly backup';
 SELECT 'still connected' AS after_error;
 """
 
@@ -515,10 +546,10 @@ def test_mariadb_cli(admin_proxy: RunningProxy, service: FakeService) -> None:
     out = result.stdout.splitlines()
     assert out[0] == "Table_name" and "migrations" in out
     assert "limits.max_client_connections\t1000" in out
-    assert out[out.index("started") + 1] == "42"
+    assert out[out.index("started") + 1] == "101"
     assert "still connected" in out
     assert "ERROR 1054 (42S22) at line 6: Unknown column 'nope' in table sessions" in result.stderr
-    assert service.calls[-1] == ("command", 42, "throttle", "nightly backup")
+    assert service.calls[-1] == ("command", 3, "throttle", "nightly backup")
 
 
 # --------------------------------------------------------------------------- lifecycle
