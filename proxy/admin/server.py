@@ -31,7 +31,7 @@ from mysql_mimic.auth import (
     User,
 )
 from mysql_mimic.connection import Connection
-from mysql_mimic.constants import DEFAULT_SERVER_CAPABILITIES
+from mysql_mimic.constants import DEFAULT_SERVER_CAPABILITIES, KillKind
 from mysql_mimic.control import LocalControl
 from mysql_mimic.errors import MysqlError
 from mysql_mimic.stream import ConnectionClosed, MysqlStream
@@ -49,6 +49,7 @@ ER_CON_COUNT_ERROR = 1040
 ER_HANDSHAKE_ERROR = 1043
 ER_ACCESS_DENIED_ERROR = 1045
 ER_HOST_NOT_PRIVILEGED = 1130
+ER_CONNECTION_KILLED = 1927
 
 VERSION = "8.0.29-tidegate-admin"
 VERSION_COMMENT = "tidegate admin port"
@@ -155,6 +156,10 @@ class AdminConnection(Connection):  # type: ignore[misc]
         await self.session.init(self)
         try:
             await self.command_phase()
+        except asyncio.CancelledError:
+            if self._kill != KillKind.CONNECTION:
+                raise
+            await self.stream.write(self.error(msg="Connection was killed", code=ER_CONNECTION_KILLED))
         finally:
             await self.session.close()
 
@@ -201,6 +206,7 @@ _SQLSTATES = {
     ER_ACCESS_DENIED_ERROR: "28000",
     1046: "3D000",
     1047: "08S01",
+    ER_CONNECTION_KILLED: "70100",
 }
 
 
@@ -274,6 +280,11 @@ class AdminServer:
             finally:
                 await self.registry.remove(connection.connection_id)
         except (ConnectionClosed, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # Cancelled by close() or KILL: end normally.  A client task that ends
+            # cancelled makes asyncio's stream callback raise, and trio-asyncio
+            # turns that into a crash of the whole loop.
             pass
         except Exception:
             log.exception("admin connection failed")

@@ -566,6 +566,29 @@ def test_shutdown_with_an_admin_client_connected(primary: sandbox.Instance, app_
     idle.close()
 
 
+def test_kill_and_hostile_clients_leave_the_port_serving(admin_proxy: RunningProxy, admin: Connection) -> None:
+    host, port = admin_address(admin_proxy)
+    victim = admin_connect(admin_proxy)
+    rows(admin, f"KILL {victim.thread_id()}")
+    with pytest.raises(pymysql.MySQLError):
+        rows(victim, "SELECT 1")
+    victim.close()
+    with socket.create_connection((host, port), timeout=5) as raw:  # hangs up at once
+        pass
+    with socket.create_connection((host, port), timeout=5) as raw:  # garbage for a handshake
+        raw.recv(4096)
+        raw.sendall(b"\x05\x00\x00\x01garbage-garbage")
+        raw.settimeout(5)
+        assert raw.recv(4096)[4:5] == b"\xff"  # an ERR, then the port hangs up
+    with socket.create_connection((host, port), timeout=5) as raw:  # hangs up mid-handshake
+        raw.recv(4096)
+        raw.sendall(b"\x40\x00\x00\x01")
+    assert rows(admin, "SELECT 1") == [(1,)]
+    fresh = admin_connect(admin_proxy)
+    assert rows(fresh, "SELECT COUNT(*) FROM backends") == [(1,)]
+    fresh.close()
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
@@ -604,3 +627,57 @@ def test_docs_cover_every_table() -> None:
         assert f"### {name}" in text, name
         for column in (*table.columns, *table.writable):
             assert f"`{column.name}`" in text, (name, column.name)
+
+
+# --------------------------------------------------------------------------- the real migration service
+
+
+def _wait_for_state(admin: Connection, migration_id: int, wanted: set[str], timeout: float = 60.0) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    row: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        [row] = dicts(admin, f"SELECT * FROM migrations WHERE id = {migration_id}")
+        if row["state"] in wanted:
+            return row
+        if row["state"] in ("complete", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"migration {migration_id} did not reach {wanted}: {row}")
+
+
+def test_real_migration_from_the_admin_port(
+    admin_proxy: RunningProxy, admin: Connection, primary: sandbox.Instance, database: str
+) -> None:
+    if admin_proxy.app.migrations is None:
+        pytest.skip("this proxy runs no migration service")
+    primary.execute(
+        f"CREATE TABLE `{database}`.items (id INT PRIMARY KEY, name VARCHAR(20))",
+        f"INSERT INTO `{database}`.items VALUES (1, 'a'), (2, 'b'), (3, 'c')",
+    )
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO migrations (schema_name, table_name, alter_statement, options) "
+            f"VALUES ('{database}', 'items', 'ADD COLUMN note TEXT NULL', 'postpone=1,attempt_instant_ddl=off')"
+        )
+        migration_id = cursor.lastrowid
+    assert migration_id > 0
+    row = _wait_for_state(admin, migration_id, {"postponed"})
+    assert row["table_name"] == "items" and row["postponed"] == 1
+    [(live, here)] = rows(admin, f"SELECT live, this_sidecar FROM sidecars WHERE id = '{row['leader']}'")
+    assert (live, here) == (1, 1)
+
+    rows(admin, f"UPDATE migrations SET chunk_size = 500 WHERE id = {migration_id}")
+    assert "in force now (led by this sidecar)" in info_of(admin)
+    code, message = error_of(admin, f"UPDATE migrations SET max_lag_millis = 100 WHERE id = {migration_id}")
+    assert code == 1105 and "max_lag_millis" in message  # the service's own refusal, passed through
+    assert error_of(admin, "CANCEL MIGRATION 999999")[1] == "no migration with id 999999"
+
+    rows(admin, f"CUT OVER MIGRATION {migration_id}")
+    row = _wait_for_state(admin, migration_id, {"complete"})
+    assert row["error"] is None
+    columns = [name for (name, *_) in primary.execute(f"SHOW COLUMNS FROM `{database}`.items")]
+    assert columns == ["id", "name", "note"]
+    code, message = error_of(admin, f"CANCEL MIGRATION {migration_id}")
+    assert code == 1105 and "complete" in message
