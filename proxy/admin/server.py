@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import socket
 from collections.abc import AsyncGenerator
 from hashlib import sha1
 from typing import Any
@@ -231,10 +232,9 @@ class AdminServer:
         self.refused = 0
         self._ids = itertools.count(1)
 
-    async def start(self) -> tuple[str, int]:
-        host, port = self.config.listen
-        self.server = await asyncio.start_server(self._client, host, port)
-        address = self.server.sockets[0].getsockname()
+    async def start(self, listener: socket.socket) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._client, sock=listener)
+        address = listener.getsockname()
         return str(address[0]), int(address[1])
 
     async def close(self) -> None:
@@ -293,6 +293,25 @@ class AdminServer:
             writer.close()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, protocol)
+    except OSError as error:
+        raise OSError(error.errno, f"admin port {host}:{port}: {error.strerror}") from error
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(64)
+        listener.setblocking(False)
+    except OSError as error:
+        listener.close()
+        raise OSError(error.errno, f"admin port {host}:{port}: {error.strerror} (see admin.listen)") from error
+    return listener
+
+
 def _early_error(code: int, message: str) -> bytes:
     """An ERR sent instead of the greeting (the client has not said what it speaks)."""
     return b"\xff" + code.to_bytes(2, "little") + message.encode()
@@ -306,17 +325,19 @@ async def serve_admin(
 ) -> None:
     """Serve the admin SQL port until cancelled; ``task_status.started((host, port))``."""
     logging.getLogger("mysql_mimic.connection").addFilter(_IGNORE)
-    async with trio_asyncio.open_loop():
-        server = AdminServer(control, config)
-        address = await trio_asyncio.aio_as_trio(server.start)()
-        log.info("admin port listening on %s:%d", *address)
-        try:
-            task_status.started(address)
-            await trio.sleep_forever()
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT + 1) as scope:
-                scope.shield = True
-                await trio_asyncio.aio_as_trio(server.close)()
+    listener = listening_socket(*config.listen)  # here, so a bind error is a plain OSError
+    with listener:
+        async with trio_asyncio.open_loop():
+            server = AdminServer(control, config)
+            address = await trio_asyncio.aio_as_trio(server.start)(listener)
+            log.info("admin port listening on %s:%d", *address)
+            try:
+                task_status.started(address)
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT + 1) as scope:
+                    scope.shield = True
+                    await trio_asyncio.aio_as_trio(server.close)()
 
 
 _IGNORE = _Ignore()

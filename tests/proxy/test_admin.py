@@ -589,6 +589,15 @@ def test_kill_and_hostile_clients_leave_the_port_serving(admin_proxy: RunningPro
     fresh.close()
 
 
+async def test_a_taken_port_is_a_plain_startup_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"admin port 127.0.0.1:{port}: .*see admin.listen"):
+            await serve_admin(Control(_no_app()), AdminConfig(listen=("127.0.0.1", port)))
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
