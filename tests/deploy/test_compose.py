@@ -68,6 +68,8 @@ def test_databases_have_the_binlog_the_migrator_needs(compose: dict[str, Any]) -
         assert BINLOG_FLAGS.items() <= flags(service).items()
         assert "--log-bin" in flags(service)
         assert service["healthcheck"]["test"][:2] == ["CMD", "healthcheck.sh"]
+    # the cut-over's triggers, created by a user without SUPER while the binlog is on
+    assert flags(primary)["--log-bin-trust-function-creators"] == "ON"
     assert flags(primary)["--server-id"] != flags(replica)["--server-id"]
     assert flags(replica)["--read-only"] == "ON"
     assert replica["depends_on"]["primary"]["condition"] == "service_healthy"
