@@ -10,8 +10,9 @@ further copy chunk so the ghost is never behind a chunk it overlaps.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -42,10 +43,14 @@ def copy_select(plan: Plan, schema: str, original: str, ghost: str) -> tuple[str
 class Applier:
     """Owns the set of keys changed in the original but not yet applied to the ghost."""
 
-    def __init__(self, plan: Plan, schema: str, original: str, ghost: str, *, batch_size: int = 500) -> None:
+    def __init__(
+        self, plan: Plan, schema: str, original: str, ghost: str, *, batch_size: int = 500, hop_keys: int = 5000
+    ) -> None:
         self._plan = plan
         self._replace, self._delete = copy_select(plan, schema, original, ghost)
         self._batch_size = batch_size
+        self.hop_keys = hop_keys
+        self.flushes = 0
         self.pending: dict[KeyValues, bool] = {}  # key -> deleted, last event wins
         #: every binlog change before this position is in ``pending`` or in the ghost
         self.received_gtid: str | None = None
@@ -105,14 +110,18 @@ class Applier:
     async def resync(self, connection: Connection, keys: Sequence[KeyValues]) -> None:
         """Make the ghost rows of ``keys`` equal to the original's, unconditionally.
 
-        Used under the cut-over lock, where every writer has finished and reads
-        are exact: it removes any effect of a binlog event that arrived before
-        its transaction became visible to our REPLACE … SELECT.
+        Used for keys a checksum found different and under the cut-over lock,
+        where every writer has finished and reads are exact: it removes any
+        effect of a binlog event that arrived before its transaction became
+        visible to our REPLACE … SELECT.  One thread hop.
         """
         keys = list(keys)
+        statements: list[Statement] = []
         for start in range(0, len(keys), self._batch_size):
             part = keys[start : start + self._batch_size]
-            await connection.execute_many(self.statements([(k, True) for k in part]) + self.statements([(k, False) for k in part]))
+            statements += self.statements([(k, True) for k in part]) + self.statements([(k, False) for k in part])
+        if statements:
+            await connection.execute_many(statements)
 
     def resume(self) -> None:
         self.paused = False
@@ -132,6 +141,8 @@ class Applier:
     async def flush(self, connection: Connection, *, limit: int | None = None, force: bool = False) -> int:
         """Apply pending keys (all, or up to ``limit``) through ``connection``; keys applied.
 
+        Up to ``hop_keys`` keys go to the server per thread hop (~80 µs each),
+        as DELETE / REPLACE … SELECT statements of ``batch_size`` keys.
         While ``paused`` (a cut-over owns the tables) only ``force`` flushes run.
         """
         if self.paused and not force:
@@ -139,12 +150,16 @@ class Applier:
         applied = 0
         while self.pending and (limit is None or applied < limit):
             gtid_at_snapshot = self.received_gtid
-            batch = list(_take(self.pending, self._batch_size))
+            count = self.hop_keys if limit is None else min(self.hop_keys, limit - applied)
+            batch = _take(self.pending, count)
+            statements: list[Statement] = []
+            for start in range(0, len(batch), self._batch_size):
+                statements += self.statements(batch[start : start + self._batch_size])
             self._in_flight += 1
             try:
                 # Autocommit statements, not BEGIN…COMMIT: under LOCK TABLES (cut-over)
                 # BEGIN would silently release the table locks.
-                await connection.execute_many(self.statements(batch))
+                await connection.execute_many(statements)
             except BaseException:
                 # Put them back (newer changes received meanwhile win).
                 for key, deleted in batch:
@@ -156,6 +171,7 @@ class Applier:
                 self.tracking.update(k for k, _ in batch)
             applied += len(batch)
             self.rows_applied += len(batch)
+            self.flushes += 1
             if not self.pending and not self._in_flight:
                 self.applied_gtid = gtid_at_snapshot
         if not self.pending and not self._in_flight:
@@ -163,11 +179,9 @@ class Applier:
         return applied
 
 
-def _take(pending: dict[KeyValues, bool], count: int) -> Iterable[tuple[KeyValues, bool]]:
-    taken: list[tuple[KeyValues, bool]] = []
-    for key in list(pending)[:count]:
-        taken.append((key, pending.pop(key)))
-    return taken
+def _take(pending: dict[KeyValues, bool], count: int) -> list[tuple[KeyValues, bool]]:
+    keys = list(itertools.islice(pending, count))
+    return [(key, pending.pop(key)) for key in keys]
 
 
 def _flatten(keys: Sequence[KeyValues]) -> list[Any]:

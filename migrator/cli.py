@@ -69,6 +69,7 @@ def migrate_parser() -> argparse.ArgumentParser:
     tuning = parser.add_argument_group("copy")
     tuning.add_argument("--chunk-size", type=int, default=1000, help="starting rows per chunk (default 1000)")
     tuning.add_argument("--chunk-time", type=float, default=0.5, help="target seconds per chunk (default 0.5)")
+    tuning.add_argument("--max-chunk-size", type=int, default=100_000, help="largest chunk in rows (default 100000)")
     tuning.add_argument("--exact-rowcount", action="store_true", help="COUNT(*) for the estimate")
     tuning.add_argument("--default-retries", type=int, default=60)
     throttle = parser.add_argument_group("throttling")
@@ -89,6 +90,8 @@ def migrate_parser() -> argparse.ArgumentParser:
     safety = parser.add_argument_group("safety")
     safety.add_argument("--attempt-instant-ddl", type=_bool, default=True, metavar="on|off")
     safety.add_argument("--checksum", type=_bool, default=True, metavar="on|off")
+    safety.add_argument("--checksum-workers", type=int, default=1,
+                        help="sessions comparing ranges in the same snapshot (default 1)")
     safety.add_argument("--approve-renamed-columns", action="store_true")
     safety.add_argument("--approve-lossy-changes", action="store_true")
     safety.add_argument("--drop-leftovers", action="store_true", help="drop leftover _<t>_gho/_ghc/_del tables")
@@ -109,6 +112,8 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
         execute=args.execute or args.resume,
         chunk_size=args.chunk_size,
         chunk_time=args.chunk_time,
+        max_chunk_size=args.max_chunk_size,
+        min_chunk_size=min(100, args.chunk_size),
         max_load=LoadThreshold.parse_list(args.max_load),
         critical_load=LoadThreshold.parse_list(args.critical_load),
         critical_load_hibernate_seconds=args.critical_load_hibernate_seconds,
@@ -123,6 +128,7 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
         exact_rowcount=args.exact_rowcount,
         attempt_instant_ddl=args.attempt_instant_ddl,
         checksum=args.checksum,
+        checksum_workers=args.checksum_workers,
         resume=args.resume,
         old_table=OldTablePolicy(args.old_table),
         drop_leftovers=args.drop_leftovers,

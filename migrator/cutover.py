@@ -97,6 +97,8 @@ class CutOver:
         self.changelog = qualified(s, spec.changelog_table)
         self.sentry = qualified(s, spec.old_table_name)
         self.timeout = spec.cut_over_lock_timeout_seconds
+        self.delta_keys = 0  # keys compared under the lock in the last attempt
+        self.delta_resynced = 0  # of which re-synced
 
     # -- helpers shared with the checksum snapshot ----------------------------------
 
@@ -197,14 +199,19 @@ class CutOver:
                 locked = True
                 return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
             if self.checksummer is not None and tracked_keys is not None:
+                # Exact under the lock: compare every key changed since the checksum
+                # snapshot; re-sync the few a commit-visibility race left stale.
                 keys = sorted(tracked_keys, key=repr)
-                await self.applier.resync(locker, keys)
                 differing = await self.checksummer.compare_keys(locker, keys)
                 if differing:
-                    raise DeltaMismatch(
-                        f"{len(differing)} keys changed since the checksum differ between original and ghost "
-                        f"(first: {differing[:5]!r})"
-                    )
+                    await self.applier.resync(locker, differing)
+                    still = await self.checksummer.compare_keys(locker, differing)
+                    if still:
+                        raise DeltaMismatch(
+                            f"{len(still)} keys changed since the checksum differ between original and ghost "
+                            f"even after a re-sync under the lock (first: {still[:5]!r})"
+                        )
+                self.delta_keys, self.delta_resynced = len(keys), len(differing)
             await locker.execute_many([(sql, None) for sql in self._trigger_sql()])
             rename_error: list[BaseException] = []
 

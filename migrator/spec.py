@@ -129,6 +129,11 @@ class MigrationSpec:
     status_interval: float = 5.0
     heartbeat_interval: float = 0.1
     flag_poll_interval: float = 0.25
+    checkpoint_interval: float = 1.0  # seconds between copy checkpoints (a resume re-copies at most this)
+    checksum_workers: int = 1  # sessions comparing ranges in the same snapshot
+    checksum_chunk_time: float = 0.25  # target seconds per compared range
+    checksum_repair_rounds: int = 2  # re-sync + re-compare rounds for ranges hit by the commit-visibility race
+    checksum_repair_limit: int = 1000  # more differing keys than this fails at once
 
     def __post_init__(self) -> None:
         for name, value in (("--database", self.database), ("--table", self.table)):
@@ -144,6 +149,10 @@ class MigrationSpec:
             raise SpecError("--chunk-time must be positive")
         if self.cut_over_lock_timeout_seconds <= 0:
             raise SpecError("--cut-over-lock-timeout-seconds must be positive")
+        if self.checksum_workers < 1 or self.checksum_workers > 16:
+            raise SpecError("--checksum-workers must be between 1 and 16")
+        if self.checkpoint_interval <= 0 or self.checksum_chunk_time <= 0:
+            raise SpecError("intervals must be positive")
         if self.default_retries < 0:
             raise SpecError("--default-retries must be >= 0")
         parse_alter(self.alter)  # raises SpecError
