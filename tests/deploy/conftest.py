@@ -11,6 +11,7 @@ import functools
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,14 @@ def manifest_files() -> list[Path]:
             if path.is_file():
                 found.append(path)
     return sorted(set(found))
+
+
+def tool(name: str) -> str | None:
+    """An executable from this virtualenv (CI runs .venv/bin/python without it on PATH), else PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(name)
 
 
 @functools.cache

