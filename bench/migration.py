@@ -1,164 +1,384 @@
-"""Migration benchmark: tidegate vs pt-online-schema-change on a 1M-row sysbench table.
+"""Migration benchmark: tidegate vs pt-online-schema-change under a fixed-rate load.
 
-    python bench/migration.py [--rows 1000000] [--rate 200]
+    python bench/migration.py                     # 1,000,000 rows, 200 tps
+    python bench/migration.py --rows 100000 --rate 100   # a quick run
 
-Starts its own throwaway MariaDB (proxy.sandbox), prepares sbtest1 with
-sysbench, runs ``oltp_read_write`` at a fixed rate in the background, and
-meanwhile runs ADD COLUMN with tidegate (ghost copy forced: INSTANT off) and then
-with pt-online-schema-change on the same table.  A probe thread runs one small
-read-write transaction every 10 ms and records its latency, so p95/p99/max are
-measured per window (each migration, and ±1 s around each cut-over); sysbench's
-error count per window comes from its per-second report.
+One command: it starts its own throwaway MariaDB (``proxy.sandbox``), prepares
+``sbtest.sbtest1`` with sysbench and keeps a pristine copy of it.  Then, for
+each tool in turn, on the same data (the table is restored from the pristine
+copy before every run):
+
+- ``sysbench oltp_read_write --rate=R`` runs in the background (started 3 s
+  before the migration, stopped 3 s after it) with every error ignored: its
+  per-second report gives the error count (err/s) and its debug log the codes
+  (it logs a code once, not every occurrence);
+- a latency probe (two Python threads, 25 small read-write transactions per
+  second each: point select, index update, non-index update, commit) records
+  every statement with its own start timestamp and duration, so p95/p99/max
+  can be cut to any window: the whole migration, its copy phase, and ±1 s
+  around the cut-over.  sysbench's own per-second p99 cannot be cut finer than
+  a second and hides the maximum, hence the probe; sysbench's per-second
+  report is still summarised (tps and worst p99 per window);
+- the tool runs as a subprocess with its defaults (tidegate:
+  ``python -m proxy.cli migrate … --execute --attempt-instant-ddl off`` — the
+  ADD COLUMN would otherwise be INSTANT and copy nothing; pt-osc:
+  ``--alter … --execute --charset=utf8mb4 --recursion-method=none
+  --no-check-replication-filters``), and its output lines are timestamped as
+  they arrive to find the copy and cut-over windows.
+
+It prints wall time and the tidegate/pt-osc ratio, rows/s, workload errors
+(the probe's by code), and latency per window, plus the load average of the machine (other
+work on a small machine moves every number here).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pymysql
-import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from migrator.db import ConnectionSettings
-from migrator.runner import Migration
-from migrator.spec import MigrationSpec
 from proxy import sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = "sbtest1"
+HELPERS = ("_sbtest1_gho", "_sbtest1_ghc", "_sbtest1_del", "_sbtest1_new", "_sbtest1_old")
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as file:
+        return " ".join(file.read().split()[:3])
+
+
+# -- the latency probe ------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    started: float
+    seconds: float
+    code: int  # 0 = ok, else the MySQL error code
 
 
 class Probe:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.samples: list[tuple[float, float, bool]] = []  # (start, seconds, error)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    """Small read-write transactions at a fixed rate; every statement timed."""
 
-    def _run(self) -> None:
+    def __init__(self, port: int, rows: int, threads: int = 2, rate_per_thread: float = 25.0) -> None:
+        self.port = port
+        self.rows = rows
+        self.interval = 1.0 / rate_per_thread
+        self.samples: list[Sample] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(seed,), daemon=True) for seed in range(threads)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
         connection = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="root",
                                      database="sbtest", autocommit=False)
         cursor = connection.cursor()
-        key = 1
+        statements = (
+            ("SELECT c FROM sbtest1 WHERE id = %s", lambda key: (key,)),
+            ("UPDATE sbtest1 SET k = k + 1 WHERE id = %s", lambda key: (key,)),
+            ("UPDATE sbtest1 SET c = %s WHERE id = %s", lambda key: (f"probe-{rng.randrange(10**9)}", key)),
+        )
+        next_start = time.monotonic()
         while not self.stop.is_set():
-            key = key % 900000 + 7919
+            key = rng.randrange(1, self.rows + 1)
+            ok = True
+            for sql, args in statements:
+                started = time.monotonic()
+                try:
+                    cursor.execute(sql, args(key))
+                    cursor.fetchall()
+                    self._record(started, 0)
+                except pymysql.err.MySQLError as error:
+                    self._record(started, int(error.args[0]) if error.args else -1)
+                    ok = False
+                    break
             started = time.monotonic()
-            error = False
             try:
-                cursor.execute("SELECT c FROM sbtest1 WHERE id = %s", (key,))
-                cursor.fetchall()
-                cursor.execute("UPDATE sbtest1 SET k = k + 1 WHERE id = %s", (key,))
-                connection.commit()
-            except pymysql.err.MySQLError:
-                error = True
-                connection.rollback()
-            self.samples.append((started, time.monotonic() - started, error))
-            time.sleep(max(0.0, 0.01 - (time.monotonic() - started)))
+                if ok:
+                    connection.commit()
+                    self._record(started, 0)
+                else:
+                    connection.rollback()
+            except pymysql.err.MySQLError as error:
+                self._record(started, int(error.args[0]) if error.args else -1)
+            next_start += self.interval
+            time.sleep(max(0.0, next_start - time.monotonic()))
+        connection.close()
 
-    def window(self, start: float, end: float) -> str:
-        values = sorted(s for t, s, _ in self.samples if start <= t <= end)
-        errors = sum(1 for t, _, e in self.samples if start <= t <= end and e)
+    def _record(self, started: float, code: int) -> None:
+        with self._lock:
+            self.samples.append(Sample(started, time.monotonic() - started, code))
+
+    def window(self, start: float, end: float) -> dict[str, object]:
+        inside = [s for s in self.samples if start <= s.started <= end]
+        values = sorted(s.seconds for s in inside)
+        errors = Counter(s.code for s in inside if s.code)
         if not values:
-            return "no samples"
+            return {"n": 0, "errors": dict(errors)}
 
         def pct(p: float) -> float:
             return values[min(len(values) - 1, int(p * len(values)))] * 1000
 
-        return f"n={len(values)} p95={pct(0.95):.1f}ms p99={pct(0.99):.1f}ms max={values[-1] * 1000:.1f}ms probe-errors={errors}"
+        return {"n": len(values), "p95": pct(0.95), "p99": pct(0.99), "max": values[-1] * 1000,
+                "errors": dict(errors)}
 
 
-def sysbench(port: int, command: str, *extra: str) -> list[str]:
+def describe(window: dict[str, object]) -> str:
+    if not window.get("n"):
+        return "no samples"
+    errors = window["errors"]
+    return (f"n={window['n']} p95={window['p95']:.1f}ms p99={window['p99']:.1f}ms "
+            f"max={window['max']:.1f}ms errors={errors or 0}")
+
+
+# -- sysbench ------------------------------------------------------------------------------
+
+
+def sysbench_command(port: int, command: str, rows: int, *extra: str) -> list[str]:
     return ["sysbench", "oltp_read_write", "--db-driver=mysql", "--mysql-host=127.0.0.1", f"--mysql-port={port}",
-            "--mysql-user=root", "--mysql-password=root", "--mysql-db=sbtest", "--tables=1", *extra, command]
+            "--mysql-user=root", "--mysql-password=root", "--mysql-db=sbtest", "--tables=1",
+            f"--table-size={rows}", *extra, command]
 
 
-def sysbench_errors(output: str, start: float, end: float, t0: float) -> int:
-    errors = 0
-    for match in re.finditer(r"\[ (\d+)s \].*?err/s: ([\d.]+)", output):
-        second = t0 + int(match.group(1))
-        if start - 1 <= second <= end + 1:
-            errors += round(float(match.group(2)))
-    return errors
+@dataclass
+class Load:
+    """sysbench in the background; its per-second report and its ignored errors."""
+
+    port: int
+    rows: int
+    rate: int
+    threads: int
+    started: float = 0.0
+    process: subprocess.Popen[str] | None = None
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            sysbench_command(self.port, "run", self.rows, f"--rate={self.rate}", f"--threads={self.threads}",
+                             "--time=0", "--report-interval=1", "--percentile=99", "--verbosity=5",
+                             "--mysql-ignore-errors=all"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.started = time.monotonic()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(5)
+
+    def error_codes(self) -> list[int]:
+        """Codes of the errors sysbench ignored (its debug log names each code, not each error)."""
+        return sorted({int(m.group(1)) for _, line in self.lines if (m := re.search(r"Ignoring error (\d+)", line))})
+
+    def report(self, start: float, end: float) -> str:
+        """tps and worst per-second p99 of the seconds inside [start, end]."""
+        tps: list[float] = []
+        p99: list[float] = []
+        errors = 0.0
+        for match in re.finditer(r"\[ (\d+)s \] thds: \d+ tps: ([\d.]+) .*?lat \(ms,99%\): ([\d.]+) err/s: ([\d.]+)",
+                                 "\n".join(line for _, line in self.lines)):
+            second = self.started + int(match.group(1))
+            if start <= second <= end + 1:
+                tps.append(float(match.group(2)))
+                p99.append(float(match.group(3)))
+                errors += float(match.group(4))
+        if not tps:
+            return "no report"
+        return (f"tps avg {sum(tps) / len(tps):.0f} (min {min(tps):.0f}), worst 1-s p99 {max(p99):.1f}ms, "
+                f"errors {errors:.0f}")
+
+
+# -- one tool run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    tool: str
+    command: list[str]
+    start: float = 0.0
+    end: float = 0.0
+    returncode: int = 0
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    copy_window: tuple[float, float] | None = None
+    cut_over_window: tuple[float, float] | None = None
+    load_before: str = ""
+    load_after: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    def execute(self) -> None:
+        self.load_before = load_average()
+        self.start = time.monotonic()
+        process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+        self.returncode = process.wait()
+        self.end = time.monotonic()
+        self.load_after = load_average()
+
+    def find(self, pattern: str) -> tuple[float, str] | None:
+        for at, line in self.lines:
+            if re.search(pattern, line):
+                return at, line
+        return None
+
+
+def tidegate_windows(run: Run) -> None:
+    copy_done = run.find(r"^copy done")
+    if copy_done:
+        run.copy_window = (run.start, copy_done[0])
+    cut = run.find(r"^cut-over done")
+    if cut:
+        held = re.search(r"table held (\d+)ms", cut[1])
+        begin = cut[0] - (int(held.group(1)) / 1000 if held else 0.0)
+        run.cut_over_window = (begin, cut[0])
+
+
+def pt_windows(run: Run) -> None:
+    copying = run.find(r"Copying approximately")
+    copied = run.find(r"Copied rows OK")
+    if copying and copied:
+        run.copy_window = (copying[0], copied[0])
+    swapping = run.find(r"Swapping tables")
+    swapped = run.find(r"Swapped original and new tables")
+    if swapping and swapped:
+        run.cut_over_window = (swapping[0], swapped[0])
+
+
+def restore(primary: sandbox.Instance) -> None:
+    primary.execute(
+        "USE sbtest",
+        *(f"DROP TABLE IF EXISTS {name}" for name in (TABLE, *HELPERS)),
+        "DROP DATABASE IF EXISTS _tidegate",
+        f"CREATE TABLE {TABLE} LIKE pristine",
+        f"INSERT INTO {TABLE} SELECT * FROM pristine",
+        f"ANALYZE TABLE {TABLE}",
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--rate", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="sbtest1 size (default 1,000,000)")
+    parser.add_argument("--rate", type=int, default=200, help="sysbench transactions per second (default 200)")
+    parser.add_argument("--threads", type=int, default=8, help="sysbench threads (default 8)")
+    parser.add_argument("--tools", default="tidegate,pt-osc", help="which tools, in order (default tidegate,pt-osc)")
+    parser.add_argument("--tidegate-args", default="", help="extra flags for tidegate migrate")
+    parser.add_argument("--logs", type=Path, help="write each run's tool and sysbench output to this directory")
     args = parser.parse_args()
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    print(f"load average at start: {load_average()} on {os.cpu_count()} cores", flush=True)
     with sandbox.running() as (primary, _):
+        port = primary.port
         primary.execute("CREATE DATABASE sbtest")
         print(f"preparing {args.rows} rows ...", flush=True)
-        subprocess.run(sysbench(primary.port, "prepare", f"--table-size={args.rows}"), check=True,
-                       stdout=subprocess.DEVNULL)
-        load = subprocess.Popen(
-            sysbench(primary.port, "run", f"--table-size={args.rows}", f"--rate={args.rate}", "--threads=8",
-                     "--time=100000", "--report-interval=1", "--percentile=99"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        load_t0 = time.monotonic()
-        output: list[str] = []
-        reader = threading.Thread(target=lambda: output.extend(iter(load.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        probe = Probe(primary.port)
-        probe.thread.start()
-        time.sleep(3)
-
-        # -- tidegate
-        cut_over_at: list[float] = []
-
-        def note(line: str) -> None:
-            if line.startswith("cut-over done"):
-                cut_over_at.append(time.monotonic())
-            print("  tidegate:", line, flush=True)
-
-        spec = MigrationSpec(
-            connection=ConnectionSettings(port=primary.port, user="root", password="root"),
-            database="sbtest", table="sbtest1", alter="ADD COLUMN tg INT NULL", execute=True,
-            chunk_size=2000, chunk_time=0.05, max_chunk_size=20000, attempt_instant_ddl=False, status_interval=2,
-        )
-        start = time.monotonic()
-        result = trio.run(Migration(spec, output=note).run)
-        tidegate_end = time.monotonic()
-        tidegate_seconds = tidegate_end - start
-        time.sleep(3)
-
-        # -- pt-online-schema-change
-        pt_start = time.monotonic()
-        pt = subprocess.run(
-            ["pt-online-schema-change", "--alter", "ADD COLUMN pt INT NULL", "--execute", "--charset=utf8mb4",
-             "--recursion-method=none", "--no-check-replication-filters",
-             f"D=sbtest,t=sbtest1,h=127.0.0.1,P={primary.port},u=root,p=root"],
-            capture_output=True, text=True,
-        )
-        pt_end = time.monotonic()
-        pt_seconds = pt_end - pt_start
-        time.sleep(2)
-        probe.stop.set()
-        load.terminate()
-        load.wait()
-        reader.join(5)
-        text = "".join(output)
-        swap_line = [line for line in pt.stdout.splitlines() if "Swapped original and new tables" in line]
-        print("\n== results ==")
-        print(f"tidegate: {result.phase.value} in {tidegate_seconds:.1f}s, {args.rows / tidegate_seconds:.0f} rows/s")
-        print(f"pt-osc:   exit {pt.returncode} in {pt_seconds:.1f}s, {args.rows / pt_seconds:.0f} rows/s")
-        print(f"wall time ratio tidegate/pt-osc: {tidegate_seconds / pt_seconds:.2f}")
-        print(f"tidegate window: {probe.window(start, tidegate_end)}; "
-              f"sysbench errors {sysbench_errors(text, start, tidegate_end, load_t0)}")
-        if cut_over_at:
-            print(f"tidegate cut-over ±1s: {probe.window(cut_over_at[0] - 1.5, cut_over_at[0] + 1)}")
-        print(f"pt-osc window:   {probe.window(pt_start, pt_end)}; "
-              f"sysbench errors {sysbench_errors(text, pt_start, pt_end, load_t0)}")
-        print(f"pt-osc swap line: {swap_line[:1]}  (cut-over at the end of its run)")
-        print(f"pt-osc last 2s:  {probe.window(pt_end - 2, pt_end)}")
-        if pt.returncode:
-            print(pt.stdout[-2000:], pt.stderr[-2000:])
+        subprocess.run(sysbench_command(port, "prepare", args.rows), check=True, stdout=subprocess.DEVNULL)
+        primary.execute("USE sbtest", f"CREATE TABLE pristine LIKE {TABLE}", f"INSERT INTO pristine SELECT * FROM {TABLE}")
+        dsn = f"D=sbtest,t={TABLE},h=127.0.0.1,P={port},u=root,p=root"
+        commands = {
+            "tidegate": [sys.executable, "-m", "proxy.cli", "migrate", "--host", "127.0.0.1", "--port", str(port),
+                         "--user", "root", "--password", "root", "--database", "sbtest", "--table", TABLE,
+                         "--alter", "ADD COLUMN tg INT NULL", "--execute", "--attempt-instant-ddl", "off",
+                         "--status-interval", "2", *args.tidegate_args.split()],
+            "pt-osc": ["pt-online-schema-change", "--alter", "ADD COLUMN pt INT NULL", "--execute",
+                       "--charset=utf8mb4", "--recursion-method=none", "--no-check-replication-filters", dsn],
+        }
+        results: list[tuple[Run, Load, Probe]] = []
+        for index, tool in enumerate(tools):
+            if index:
+                print("restoring the table ...", flush=True)
+                restore(primary)
+            time.sleep(1)
+            load = Load(port, args.rows, args.rate, args.threads)
+            probe = Probe(port, args.rows)
+            load.start()
+            probe.start()
+            time.sleep(3)
+            run = Run(tool, commands[tool])
+            print(f"== {tool} (load average {load_average()})", flush=True)
+            run.execute()
+            for at, line in run.lines:
+                print(f"  {at - run.start:7.2f}s {tool}: {line}", flush=True)
+            time.sleep(3)
+            probe.finish()
+            load.stop()
+            (tidegate_windows if tool == "tidegate" else pt_windows)(run)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{tool}.log").write_text("\n".join(f"{at - run.start:.3f} {line}" for at, line in run.lines))
+                (args.logs / f"{tool}.sysbench.log").write_text(
+                    "\n".join(f"{at - load.started:.3f} {line}" for at, line in load.lines))
+            results.append((run, load, probe))
+        report(results, args.rows, args.rate)
     return 0
+
+
+def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None:
+    print(f"\n== results: {rows} rows, sysbench oltp_read_write --rate={rate}, "
+          f"probe 2x25 tps; load average now {load_average()}")
+    seconds: dict[str, float] = {}
+    for run, load, probe in results:
+        ok = run.returncode == 0
+        seconds[run.tool] = run.seconds
+        print(f"\n{run.tool}: exit {run.returncode} in {run.seconds:.1f}s"
+              + (f", {rows / run.seconds:.0f} rows/s" if ok else "")
+              + f" (load average {run.load_before} -> {run.load_after})")
+        print(f"  sysbench during the run: {load.report(run.start, run.end)}; "
+              f"error codes seen (±3 s): {load.error_codes() or 'none'}")
+        print(f"  probe before  (3 s): {describe(probe.window(run.start - 3, run.start))}")
+        print(f"  probe whole run:     {describe(probe.window(run.start, run.end))}")
+        if run.copy_window:
+            start, end = run.copy_window
+            print(f"  probe copy ({end - start:5.1f}s): {describe(probe.window(start, end))}")
+        if run.cut_over_window:
+            start, end = run.cut_over_window
+            print(f"  probe cut-over ±1 s (swap {1000 * (end - start):.0f}ms): "
+                  f"{describe(probe.window(start - 1, end + 1))}")
+        if not ok:
+            print("  last output:\n    " + "\n    ".join(line for _, line in run.lines[-15:]))
+    if "tidegate" in seconds and "pt-osc" in seconds:
+        print(f"\nwall time ratio tidegate/pt-osc: {seconds['tidegate'] / seconds['pt-osc']:.2f}")
 
 
 if __name__ == "__main__":

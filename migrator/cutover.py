@@ -2,34 +2,45 @@
 
 Standalone algorithm (works for traffic that goes through no proxy):
 
-1. ``A``: create the sentry table ``_<t>_del`` (the rename's target name, so an
-   unsupervised rename fails), then ``LOCK TABLES t WRITE, ghost WRITE,
-   changelog WRITE, sentry WRITE`` with ``lock_wait_timeout`` =
-   ``--cut-over-lock-timeout-seconds``.  Timeout: drop the sentry, retry later.
-2. ``A`` writes a sentinel row to the changelog; we wait until the binlog
-   delivers it, then ``A`` applies every pending key (it holds both tables) and
-   checks the final delta (keys applied since the checksum snapshot).
-3. ``A`` creates mirror triggers on ``t`` (insert/update/delete → same change
-   on the ghost).  This is what closes the unlock→rename window *by
-   construction*: on MariaDB a statement queued on ``t`` may run between
-   ``UNLOCK TABLES`` and the waiting ``RENAME`` (gh-ost lost rows exactly
-   there); with the triggers such a write lands in the ghost too, in the same
-   transaction.
-4. ``B``: ``RENAME TABLE t TO _<t>_del, ghost TO t`` — blocks behind ``A``.
-5. ``A``: drop the sentry, ``UNLOCK TABLES``; ``B``'s rename completes.
-   The triggers move with the old table and are dropped there.
+1. ``A``: ``LOCK TABLES t WRITE, ghost WRITE, changelog WRITE`` with
+   ``lock_wait_timeout`` = ``--cut-over-lock-timeout-seconds`` (timeout: the
+   attempt is rolled back and retried later).  Once granted, no session holds
+   or can take any lock on ``t``.
+2. ``A`` writes a sentinel row to the changelog; when the binlog delivers it,
+   every committed change to ``t`` has been received; ``A`` applies the
+   pending keys and compares every key changed since the checksum snapshot
+   (re-syncing the few a commit-visibility race left stale).  Ghost = ``t``.
+3. ``B`` asks for ``LOCK TABLES t WRITE`` (it queues behind ``A``); ``A``
+   unlocks.  A waiting exclusive request is granted before waiting
+   application statements, so ``B`` takes ``t`` over with nothing in between;
+   a second sentinel proves it (no change to ``t`` may arrive).
+4. ``C``: ``RENAME TABLE t TO _t_del, ghost TO t``.  ``B`` holds only ``t``,
+   so the rename takes the other names at once and queues on ``t``, ahead of
+   every application statement (checked: its processlist state, and — when
+   the helper names sort before ``t`` — a ``SHOW CREATE TABLE ghost`` that
+   must block on the rename's exclusive lock).
+5. ``B`` unlocks; the rename runs first; queued statements reach the new table.
 
-If ``A`` dies at any point before step 5 the sentry still exists and ``B``'s
-rename fails; the original table is untouched (a resumed run drops leftover
-triggers and re-syncs every key from the binlog checkpoint).
+Why not gh-ost's ``LOCK TABLES t, ghost, sentry`` + blocked rename + unlock:
+MariaDB grants metadata locks in sorted name order, so that rename waits on
+``_t_del``/``_t_gho`` (sorted before ``t``), not on ``t``, and at the unlock
+the statements queued on ``t`` run on the old table first — measured here, 72
+lost writes in 12 swaps (gh-ost loses rows exactly there).  Mirror triggers
+close that window but make every such statement need the ghost while the
+rename holds it: a metadata-lock deadlock whose victim is the application.
 
-:class:`TrafficGate` lets a sidecar drain and hold the application's
-statements before step 1 so they never wait on the database lock; the lock and
-rename still run underneath as the safety net.
+If the process dies before step 4 nothing happened; after step 4 the rename
+completes on its own, which is right because every check passed before it.
+An application transaction that had read ``t`` and writes it while our lock
+request of step 1 waits is chosen as a metadata-lock deadlock victim by the
+server (1213); the checksum snapshot takes a READ lock instead, which cannot
+deadlock that way.  A sidecar that drains traffic (:class:`TrafficGate`)
+removes that window: the lock is then granted without waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -41,7 +52,7 @@ import trio
 from migrator import db
 from migrator.applier import Applier
 from migrator.checksum import Checksummer
-from migrator.db import Connection, DatabaseError, qualified, quote
+from migrator.db import Connection, DatabaseError, qualified
 from migrator.inspector import Plan
 from migrator.spec import MigrationSpec
 
@@ -111,16 +122,16 @@ class CutOver:
         )
         return token
 
-    async def lock_and_catch_up(self, locker: Connection, *, with_sentry: bool) -> float:
+    async def lock_and_catch_up(self, locker: Connection, *, original_mode: str = "WRITE") -> float:
         """LOCK TABLES, sentinel round trip, flush; returns seconds spent waiting for the sentinel.
 
-        Raises ``DatabaseError`` (1205) when the lock was not granted in time and
-        ``trio.TooSlowError`` when the sentinel did not come back in time; the
-        caller unlocks.
+        ``original_mode`` READ stops writers only (readers go on, and an
+        application transaction that read ``t`` can never be a deadlock victim
+        of the request); WRITE stops everyone.  Raises ``DatabaseError`` (1205)
+        when the lock was not granted in time and ``trio.TooSlowError`` when
+        the sentinel did not come back in time; the caller unlocks.
         """
-        tables = [f"{self.original} WRITE", f"{self.ghost} WRITE", f"{self.changelog} WRITE"]
-        if with_sentry:
-            tables.append(f"{self.sentry} WRITE")
+        tables = [f"{self.original} {original_mode}", f"{self.ghost} WRITE", f"{self.changelog} WRITE"]
         await locker.execute_many(
             [
                 (f"SET SESSION lock_wait_timeout = {max(1, round(self.timeout))}", None),
@@ -128,34 +139,21 @@ class CutOver:
                 ("LOCK TABLES " + ", ".join(tables), None),
             ]
         )
-        token = await self.write_sentinel(locker)
-        started = trio.current_time()
-        with trio.fail_after(self.timeout):
-            await self.applier.wait_changelog("sentinel", token)
-        waited = trio.current_time() - started
+        waited = await self.sentinel_round_trip(locker)
         await self.applier.flush(locker, force=True)
         return waited
 
+    async def sentinel_round_trip(self, connection: Connection) -> float:
+        token = await self.write_sentinel(connection)
+        started = trio.current_time()
+        with trio.fail_after(self.timeout):
+            await self.applier.wait_changelog("sentinel", token)
+        return trio.current_time() - started
+
     # -- the attempt -------------------------------------------------------------------
 
-    def _trigger_sql(self) -> list[str]:
-        ins, upd, delete = (qualified(self.spec.database, n) for n in self.spec.trigger_names())
-        targets = ", ".join(quote(c) for c in self.plan.target_columns)
-        new_values = ", ".join(f"NEW.{quote(c)}" for c in self.plan.source_columns)
-        where_old = " AND ".join(
-            f"{quote(g)} = OLD.{quote(o)}" for o, g in zip(self.plan.key_columns, self.plan.ghost_key_columns, strict=True)
-        )
-        replace = f"REPLACE INTO {self.ghost} ({targets}) VALUES ({new_values})"
-        return [
-            f"CREATE TRIGGER {ins} AFTER INSERT ON {self.original} FOR EACH ROW {replace}",
-            f"CREATE TRIGGER {upd} AFTER UPDATE ON {self.original} FOR EACH ROW BEGIN "
-            f"DELETE FROM {self.ghost} WHERE {where_old}; {replace}; END",
-            f"CREATE TRIGGER {delete} AFTER DELETE ON {self.original} FOR EACH ROW "
-            f"DELETE FROM {self.ghost} WHERE {where_old}",
-        ]
-
     async def drop_triggers(self, connection: Connection, table: str | None = None) -> None:
-        """Drop our mirror triggers wherever they are (by name; they belong to one table)."""
+        """Drop mirror triggers an older version may have left (by name)."""
         for name in self.spec.trigger_names():
             try:
                 await connection.execute(f"DROP TRIGGER IF EXISTS {qualified(self.spec.database, name)}")
@@ -164,6 +162,7 @@ class CutOver:
                 raise
 
     async def drop_sentry(self, connection: Connection) -> None:
+        """Drop a sentry table an older version may have left."""
         rows = await connection.query(
             "SELECT TABLE_COMMENT FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
             (self.spec.database, self.spec.old_table_name),
@@ -174,22 +173,18 @@ class CutOver:
     async def attempt(
         self,
         locker: Connection,
+        holder: Connection,
         renamer: Connection,
-        cleaner: Connection,
+        observer: Connection,
         tracked_keys: set[tuple[object, ...]] | None,
     ) -> AttemptResult:
         """One cut-over attempt.  DONE, or RETRY with the original untouched."""
-        await cleaner.execute(
-            f"CREATE TABLE {self.sentry} (id INT NOT NULL PRIMARY KEY) ENGINE=InnoDB COMMENT=%s",
-            (SENTRY_COMMENT,),
-        )
         await self.applier.pause()
         started = trio.current_time()
-        locked = False
-        renamed = False
+        locked = held = renamed = False
         try:
             try:
-                await self.lock_and_catch_up(locker, with_sentry=True)
+                await self.lock_and_catch_up(locker)
                 locked = True
             except DatabaseError as error:
                 if error.code in (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK):
@@ -198,22 +193,43 @@ class CutOver:
             except trio.TooSlowError:
                 locked = True
                 return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
-            if self.checksummer is not None and tracked_keys is not None:
-                # Exact under the lock: compare every key changed since the checksum
-                # snapshot; re-sync the few a commit-visibility race left stale.
-                keys = sorted(tracked_keys, key=repr)
-                differing = await self.checksummer.compare_keys(locker, keys)
-                if differing:
-                    await self.applier.resync(locker, differing)
-                    still = await self.checksummer.compare_keys(locker, differing)
-                    if still:
-                        raise DeltaMismatch(
-                            f"{len(still)} keys changed since the checksum differ between original and ghost "
-                            f"even after a re-sync under the lock (first: {still[:5]!r})"
-                        )
-                self.delta_keys, self.delta_resynced = len(keys), len(differing)
-            await locker.execute_many([(sql, None) for sql in self._trigger_sql()])
-            rename_error: list[BaseException] = []
+            await self._check_delta(locker, tracked_keys)
+
+            # 3. Hand t over to a lock on t alone.
+            hold_error: list[DatabaseError] = []
+
+            async def hold() -> None:
+                try:
+                    await holder.execute_many(
+                        [
+                            (f"SET SESSION lock_wait_timeout = {max(2, round(self.timeout * 2 + 2))}", None),
+                            (f"LOCK TABLES {self.original} WRITE", None),
+                        ]
+                    )
+                except DatabaseError as error:
+                    hold_error.append(error)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                queued = await self._wait_metadata_lock(observer, holder)
+                await locker.execute("UNLOCK TABLES")
+                locked = False
+            if hold_error:
+                return AttemptResult(Outcome.RETRY, f"hand-over lock failed: {hold_error[0]}")
+            held = True
+            try:
+                await self.sentinel_round_trip(observer)
+            except trio.TooSlowError:
+                return AttemptResult(Outcome.RETRY, "second sentinel did not come back in time")
+            if self.applier.pending:
+                return AttemptResult(
+                    Outcome.RETRY,
+                    f"{len(self.applier.pending)} changes reached t between the two locks"
+                    + ("" if queued else " (the hand-over lock was not seen queued)"),
+                )
+
+            # 4./5. The rename queues on t alone, then t is released to it.
+            rename_error: list[DatabaseError] = []
 
             async def rename() -> None:
                 nonlocal renamed
@@ -221,10 +237,7 @@ class CutOver:
                     await renamer.execute_many(
                         [
                             (f"SET SESSION lock_wait_timeout = {max(2, round(self.timeout * 2 + 2))}", None),
-                            (
-                                f"RENAME TABLE {self.original} TO {self.sentry}, {self.ghost} TO {self.original}",
-                                None,
-                            ),
+                            (f"RENAME TABLE {self.original} TO {self.sentry}, {self.ghost} TO {self.original}", None),
                         ]
                     )
                     renamed = True
@@ -233,37 +246,83 @@ class CutOver:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(rename)
-                await self._wait_rename_queued(cleaner, renamer)
-                await locker.execute_many([(f"DROP TABLE {self.sentry}", None), ("UNLOCK TABLES", None)])
-                locked = False
+                if await self._rename_queued_on_original(observer, renamer):
+                    await holder.execute("UNLOCK TABLES")
+                    held = False
+                else:
+                    await self._kill_query(observer, renamer)
             if not renamed:
-                return AttemptResult(Outcome.RETRY, f"rename failed: {rename_error[0] if rename_error else '?'}")
+                reason = rename_error[0] if rename_error else "?"
+                return AttemptResult(Outcome.RETRY, f"rename did not queue on the table alone or failed: {reason}")
             return AttemptResult(Outcome.DONE, hold_seconds=trio.current_time() - started)
         finally:
             with trio.CancelScope(shield=True):
-                if locked:
-                    try:
-                        await locker.execute("UNLOCK TABLES")
-                    except DatabaseError:
-                        await locker.close()  # closing the session releases its locks
+                for connection, is_locked in ((locker, locked), (holder, held)):
+                    if is_locked:
+                        try:
+                            await connection.execute("UNLOCK TABLES")
+                        except DatabaseError:
+                            await connection.close()  # closing the session releases its locks
                 if not renamed:
-                    await self.drop_triggers(cleaner)
-                    await self.drop_sentry(cleaner)
-                self.applier.paused = False
+                    # After a rename the ghost is gone: the applier stays paused for good.
+                    self.applier.paused = False
 
-    async def _wait_rename_queued(self, observer: Connection, renamer: Connection) -> None:
-        """Best effort: let the RENAME reach its metadata-lock wait before we unlock.
+    async def _check_delta(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> None:
+        """Exact under the lock: every key changed since the checksum snapshot."""
+        if self.checksummer is None or tracked_keys is None:
+            return
+        keys = sorted(tracked_keys, key=repr)
+        differing = await self.checksummer.compare_keys(locker, keys)
+        if differing:
+            # A commit-visibility race left these stale; reads are exact now.
+            await self.applier.resync(locker, differing)
+            still = await self.checksummer.compare_keys(locker, differing)
+            if still:
+                raise DeltaMismatch(
+                    f"{len(still)} keys changed since the checksum differ between original and ghost "
+                    f"even after a re-sync under the lock (first: {still[:5]!r})"
+                )
+        self.delta_keys, self.delta_resynced = len(keys), len(differing)
 
-        Not needed for correctness (the triggers are), only so that statements
-        queued on the table run after the rename, on the new table.
-        """
+    async def _wait_metadata_lock(self, observer: Connection, waiter: Connection) -> bool:
+        """Until ``waiter`` waits on a table metadata lock (bounded); whether it was seen."""
         with trio.move_on_after(min(1.0, self.timeout)):
             while True:
-                await trio.sleep(0.002)
-                if renamer.thread_id is None:
+                await trio.sleep(0.001)
+                if waiter.thread_id is None:
                     continue
                 rows = await observer.query(
-                    "SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = %s", (renamer.thread_id,)
+                    "SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = %s", (waiter.thread_id,)
                 )
-                if rows and "lock" in str(rows[0][0] or "").lower():
-                    return
+                if rows and str(rows[0][0] or "") == "Waiting for table metadata lock":
+                    return True
+        return False
+
+    def _original_sorts_first(self) -> bool:
+        """Does the server request the lock on ``t`` before those on the helper names?"""
+        original = self.spec.table.encode()
+        return all(original < name.encode() for name in (self.spec.ghost_table, self.spec.old_table_name))
+
+    async def _rename_queued_on_original(self, observer: Connection, renamer: Connection) -> bool:
+        """Whether the rename now waits for ``t`` and holds every other name it needs."""
+        if not await self._wait_metadata_lock(observer, renamer):
+            return False
+        if self._original_sorts_first():
+            return True  # t is its first table lock, and it is waiting
+        # It holds the helper names (sorted first) iff a high-priority shared lock on
+        # the ghost blocks — granted exclusive locks block it, waiting ones do not.
+        with trio.move_on_after(min(1.0, self.timeout)):
+            while True:
+                try:
+                    await observer.query(f"SET STATEMENT max_statement_time = 0.03 FOR SHOW CREATE TABLE {self.ghost}")
+                except DatabaseError as error:
+                    if error.code == db.ER_STATEMENT_TIMEOUT:
+                        return True
+                    raise
+                await trio.sleep(0.005)
+        return False
+
+    async def _kill_query(self, observer: Connection, victim: Connection) -> None:
+        if victim.thread_id is not None:
+            with contextlib.suppress(DatabaseError):
+                await observer.execute(f"KILL QUERY {int(victim.thread_id)}")

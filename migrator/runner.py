@@ -555,8 +555,9 @@ class Migration:
                 applier.tracking = None
             await state.transition(Phase.READY)
             locker = await open_connection()
+            holder = await open_connection()
             renamer = await open_connection()
-            cleaner = await open_connection()
+            observer = await open_connection()
             attempts = 0
             backoff = 0.25
             while True:
@@ -583,9 +584,10 @@ class Migration:
                 await state.count_cut_over_attempt()
                 await state.transition(Phase.CUTTING_OVER, f"attempt {attempts}")
                 try:
-                    if not locker.connected:
-                        await locker.connect()
-                    result = await cut.attempt(locker, renamer, cleaner, applier.tracking)
+                    for connection in (locker, holder):
+                        if not connection.connected:
+                            await connection.connect()
+                    result = await cut.attempt(locker, holder, renamer, observer, applier.tracking)
                 finally:
                     with trio.CancelScope(shield=True):
                         await self.gate.release(spec.database, spec.table)
@@ -706,7 +708,10 @@ class Migration:
                 last_checkpoint = now
         await self._apply(writer, applier)
         await self._checkpoint(watermark, upper, applier)
-        log.info("copy done: %d rows in %d chunks", self._rows_copied - rows_at_start, self._chunks)
+        copied = self._rows_copied - rows_at_start
+        seconds = time.monotonic() - self._copy_started
+        self._say(f"copy done: {copied} rows in {self._chunks} chunks, {seconds:.1f}s "
+                  f"({copied / seconds if seconds > 0 else 0:.0f} rows/s)")
 
     async def _snapshot(self, cut: CutOver, locker: Connection, workers: list[Connection], *, reset_tracking: bool) -> None:
         """Stop writes briefly, catch up, open the same consistent snapshot in every worker.
@@ -724,7 +729,7 @@ class Migration:
             await self._wait_caught_up(cut.applier)
             await cut.applier.pause()
             try:
-                await cut.lock_and_catch_up(locker, with_sentry=False)
+                await cut.lock_and_catch_up(locker, original_mode="READ")
                 for worker in workers:
                     await worker.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
                 if reset_tracking or cut.applier.tracking is None:
