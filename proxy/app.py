@@ -242,13 +242,19 @@ class App:
             ratio = progress.rows_copied / progress.rows_estimate if progress.rows_estimate else 0.0
             metrics.migration_update(name, str(progress.phase), min(ratio, 1.0), progress.rows_copied,
                                      float(getattr(progress, "binlog_lag_seconds", 0.0) or 0.0), STATES)
+            # An attempt is over once the phase has left cutting_over: back to
+            # ready/postponed means it was rolled back; complete means success.
+            phase = str(progress.phase)
             attempts = int(getattr(progress, "cut_over_attempts", 0) or 0)
             previous = attempts_seen.get(request_id, 0)
-            if attempts > previous:
-                # every attempt but a final successful one was rolled back (lock timeout)
-                done = str(progress.phase) == "complete"
-                for index in range(previous, attempts):
-                    metrics.cutover_attempt("success" if done and index == attempts - 1 else "lock_timeout")
+            if phase == "complete" and attempts > previous:
+                for _ in range(previous, attempts - 1):
+                    metrics.cutover_attempt("lock_timeout")
+                metrics.cutover_attempt("success")
+                attempts_seen[request_id] = attempts
+            elif phase in ("ready", "postponed") and attempts > previous:
+                for _ in range(previous, attempts):
+                    metrics.cutover_attempt("lock_timeout")
                 attempts_seen[request_id] = attempts
 
         def on_cutover(result: str) -> None:

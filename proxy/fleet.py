@@ -113,6 +113,7 @@ class LocalHold:
     table_key: str
     epoch: int
     cancel: trio.CancelScope
+    done: trio.Event
 
 
 class Fleet:
@@ -228,38 +229,54 @@ class Fleet:
             await trio.sleep(self.fast_poll if fast or self._holds else self.slow_poll)
 
     def _start_hold(self, key: str, epoch: int, drain: float, hold_timeout: float) -> None:
+        previous = self._holds.get(key)
         self._end_hold(key)
         assert self._nursery is not None
         scope = trio.CancelScope()
-        self._holds[key] = LocalHold(key, epoch, scope)
-        self._nursery.start_soon(self._hold, key, epoch, drain, hold_timeout, scope)
+        hold = LocalHold(key, epoch, scope, trio.Event())
+        self._holds[key] = hold
+        self._nursery.start_soon(
+            self._hold, hold, drain, hold_timeout, previous.done if previous else None
+        )
 
     def _end_hold(self, key: str) -> None:
         hold = self._holds.pop(key, None)
         if hold is not None:
             hold.cancel.cancel()
 
-    async def _hold(self, key: str, epoch: int, drain: float, hold_timeout: float, scope: trio.CancelScope) -> None:
+    async def _hold(self, hold: LocalHold, drain: float, hold_timeout: float, previous: trio.Event | None) -> None:
+        key, epoch, scope = hold.table_key, hold.epoch, hold.cancel
         schema, _, table = key.partition(".")
         held = False
         try:
             with scope:
-                held = await self.gate.hold(schema, table, drain_timeout=drain, hold_timeout=hold_timeout)
-                blockers = "; ".join(self.gate.history[-1]["blockers"]) if not held and self.gate.history else ""  # type: ignore[arg-type]
-                await self.db.query(
-                    f"REPLACE INTO {self.schema}.hold_acks (table_key, epoch, sidecar, result, detail, at) VALUES "
-                    f"({literal(key)}, {epoch}, {literal(self.id)}, {literal('held' if held else 'refused')}, "
-                    f"{literal(blockers[:2000] or None)}, NOW(6))"
-                )
+                if previous is not None:
+                    await previous.wait()  # the earlier epoch's hold must be gone first
+                try:
+                    held = await self.gate.hold(schema, table, drain_timeout=drain, hold_timeout=hold_timeout)
+                    detail = "" if held else "; ".join(map(str, self.gate.history[-1]["blockers"])) if self.gate.history else ""  # type: ignore[call-overload]
+                except RuntimeError as error:  # e.g. already held: answer, never crash
+                    detail = str(error)
+                await self._ack(key, epoch, "held" if held else "refused", detail)
                 if held:
                     await trio.sleep_forever()  # until release (cancel) or the gate's own expiry
         finally:
-            if held:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if held:
                     await self.gate.release(schema, table)
-            current = self._holds.get(key)
-            if current is not None and current.epoch == epoch and current.cancel is scope:
+                hold.done.set()
+            if self._holds.get(key) is hold:
                 del self._holds[key]
+
+    async def _ack(self, key: str, epoch: int, result: str, detail: str) -> None:
+        try:
+            await self.db.query(
+                f"REPLACE INTO {self.schema}.hold_acks (table_key, epoch, sidecar, result, detail, at) VALUES "
+                f"({literal(key)}, {epoch}, {literal(self.id)}, {literal(result)}, "
+                f"{literal(detail[:2000] or None)}, NOW(6))"
+            )
+        except Exception as error:  # no ack: the leader gives up on this epoch
+            log.warning("fleet: could not acknowledge %s #%d: %s", key, epoch, error)
 
 
 class FleetGate:

@@ -224,18 +224,24 @@ class Gate:
             self.holds[alias] = hold
         log.info("draining %s (aliases: %s)", key, ", ".join(sorted(hold.aliases - {key})) or "none")
         drained = False
-        with trio.move_on_after(drain_timeout):
-            while True:
-                self._changed = trio.Event()
-                blockers = self._blockers(hold)
-                hold.blockers = blockers
-                if not blockers:
-                    drained = True
-                    break
-                # Re-check on every statement end / transaction end, and at
-                # least every 50 ms (a session may vanish without notifying).
-                with trio.move_on_after(0.05):
-                    await self._changed.wait()
+        try:
+            with trio.move_on_after(drain_timeout):
+                while True:
+                    self._changed = trio.Event()
+                    blockers = self._blockers(hold)
+                    hold.blockers = blockers
+                    if not blockers:
+                        drained = True
+                        break
+                    # Re-check on every statement end / transaction end, and at
+                    # least every 50 ms (a session may vanish without notifying).
+                    with trio.move_on_after(0.05):
+                        await self._changed.wait()
+        except BaseException:
+            # Cancelled mid-drain (the leader gave up, shutdown): never leave
+            # the table held behind us.
+            self._finish(hold, "abandoned")
+            raise
         if not drained:
             log.info("drain of %s did not finish in %.2fs: %s", key, drain_timeout, "; ".join(hold.blockers[:5]))
             self._finish(hold, "abandoned")

@@ -457,19 +457,24 @@ class MigrationService:
 class _AnnouncingGate:
     """FleetGate plus bookkeeping the runner does not know about."""
 
-    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None) -> None:
+    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 1.2) -> None:
         self.gate = gate
+        self.announce_wait = announce_wait
         self._on_cutover = on_cutover
         self._announced = False
 
     async def hold(self, schema: str, table: str, *, drain_timeout: float, hold_timeout: float) -> bool:
         if not self._announced:
-            await self.gate.announce(schema, table)  # sidecars start polling fast
+            # Sidecars poll slowly until a cut-over is announced; give every one
+            # a full slow-poll period to switch to fast polling first.
+            await self.gate.announce(schema, table)
             self._announced = True
-            await trio.sleep(0.05)
+            await trio.sleep(self.announce_wait)
         held = await self.gate.hold(schema, table, drain_timeout=drain_timeout, hold_timeout=hold_timeout)
-        if not held and self._on_cutover is not None:
-            self._on_cutover("drain_timeout")
+        if not held:
+            log.info("cut-over of %s.%s not now: %s", schema, table, self.gate.last_refusal)
+            if self._on_cutover is not None:
+                self._on_cutover("drain_timeout")
         return held
 
     async def release(self, schema: str, table: str) -> None:

@@ -275,6 +275,9 @@ _COM_FIELD_LIST = int(Command.FIELD_LIST)
 #: commands whose statement the gate may need to see
 _GATED = frozenset({_COM_STMT_EXECUTE, _COM_STMT_PREPARE, _COM_FIELD_LIST})
 _IN_TRANS = int(Status.IN_TRANS)
+_MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
+#: errors after which the server has rolled back the whole transaction
+_ROLLS_BACK_TRANSACTION = frozenset({1213})  # ER_LOCK_DEADLOCK
 
 
 def use_target(sql: bytes) -> str | None:
@@ -731,10 +734,12 @@ class Relay:
                 tracker.resume_after_infile()
                 continue
             break
-        previous = session.status
-        session.status = tracker.status if tracker.status else previous
-        if tracker.error_code and not tracker.status:
-            session.status = previous
+        if tracker.status_known:
+            session.status = tracker.status & ~_MORE_RESULTS
+        if tracker.error_code in _ROLLS_BACK_TRANSACTION:
+            # The server rolled the whole transaction back; an ERR carries no
+            # status flags to say so.
+            session.status &= ~_IN_TRANS
         if session.status & _IN_TRANS:
             if session.transaction_started is None:
                 session.transaction_started = time.time()

@@ -71,12 +71,15 @@ class ResponseTracker:
         "results",
         "state",
         "status",
+        "status_known",
     )
 
     def __init__(self, command: int, capabilities: int) -> None:
         self.command = command
         self._deprecate_eof = bool(capabilities & _DEPRECATE_EOF)
         self.status = 0
+        #: whether a packet of this response carried status flags (0 is a real value)
+        self.status_known = False
         self.error_code = 0
         self.last_sequence = -1
         #: (statement id, columns, params) after a successful COM_STMT_PREPARE
@@ -181,10 +184,12 @@ class ResponseTracker:
         reader.lenenc_int()
         reader.lenenc_int()
         self.status = reader.u16()
+        self.status_known = True
 
     def _status_from_eof(self, buffer: bytes, start: int, length: int) -> None:
         if length >= 5:
             self.status = buffer[start + 3] | (buffer[start + 4] << 8)
+            self.status_known = True
 
     def _terminator(self, buffer: bytes, start: int, length: int) -> bool:
         """Is this 0xFE packet the end of rows (not a row or column)?"""

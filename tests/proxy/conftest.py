@@ -43,7 +43,10 @@ class RunningProxy:
 
 
 def start_proxy(args: list[str], metrics: Any = None) -> RunningProxy:
-    config = load_config(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", *args], env={})
+    config = load_config(
+        ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args],
+        env={},
+    )
     app = App(config, metrics)
     started = threading.Event()
     box: dict[str, Any] = {}

@@ -242,3 +242,21 @@ async def test_admit_fails_open_after_max_wait(autojump_clock: trio.testing.Mock
     tables = frozenset({"shop.orders"})
     await world.gate.admit(session, tables, max_wait=3)
     assert trio.current_time() - start == pytest.approx(3, abs=0.01)
+
+
+async def test_cancelled_drain_leaves_nothing_held(
+    autojump_clock: trio.testing.MockClock, world: World, nursery: trio.Nursery
+) -> None:
+    """The leader gave up mid-drain (its hold task is cancelled): the table must
+    not stay held behind it."""
+    await nursery.start(world.gate.run)
+    txn, other = world.session(), world.session()
+    await world.statement(txn, "BEGIN", begin=True)
+    await world.statement(txn, "UPDATE orders SET a = 1")
+    with trio.move_on_after(0.3):
+        await world.gate.hold("shop", "orders", drain_timeout=5, hold_timeout=5)
+    assert world.gate.holds == {}
+    start = trio.current_time()
+    await world.statement(other, "SELECT * FROM orders")
+    assert trio.current_time() - start < 0.01
+    assert world.gate.history[-1]["result"] == "abandoned"
