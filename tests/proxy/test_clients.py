@@ -789,13 +789,6 @@ def test_transactions_and_session_state(
     assert results[0][3] == [(1, 10)]
 
 
-ZERO_STATUS = (
-    "relay ignores a server status of 0x0000 (autocommit off, no transaction) and keeps the "
-    "previous flags"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ZERO_STATUS)
 @pytest.mark.parametrize(
     "driver", [pytest.param(PYMYSQL, id="pymysql"), pytest.param(CONNECTOR, id="connector")]
 )

@@ -870,13 +870,6 @@ async def test_session_state_tracking(
         await raw.close()
 
 
-ZERO_STATUS = (
-    "relay treats a server status of 0 (autocommit off, no transaction) as 'no status' "
-    "and keeps the previous flags"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ZERO_STATUS)
 async def test_autocommit_off_is_tracked(
     tidegate: RunningProxy, primary: sandbox.Instance, database: str
 ) -> None:
@@ -890,7 +883,6 @@ async def test_autocommit_off_is_tracked(
         await raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason=ZERO_STATUS)
 async def test_rollback_with_autocommit_off_ends_the_transaction(
     tidegate: RunningProxy, primary: sandbox.Instance, database: str
 ) -> None:
@@ -936,7 +928,6 @@ async def test_schema_tracked_through_drop_database(
         await raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="relay keeps in_transaction after a deadlock rolled it back")
 async def test_transaction_state_after_deadlock(
     tidegate: RunningProxy, primary: sandbox.Instance, database: str
 ) -> None:
