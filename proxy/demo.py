@@ -3,15 +3,16 @@
 Starts its own MariaDB (never the one on 3306), starts ``tidegate serve`` as a
 separate process in front of it, runs the same mixed workload (point reads,
 updates in transactions, inserts) directly and through the sidecar, and then,
-while the workload keeps running through the sidecar, an online ``ALTER``
-with the migrator.  It prints throughput, latency percentiles and client
-errors for every phase.
+while the workload keeps running through the sidecar, starts an online
+``ALTER`` from the sidecar's admin port, shows its live progress, and reports
+the cut-over's hold time.  It prints throughput, latency percentiles and
+client errors for every phase.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import itertools
 import random
 import signal
 import subprocess
@@ -27,6 +28,8 @@ import pymysql
 from proxy import sandbox
 
 ROWS = 20_000
+#: ids for inserted rows, unique across threads and phases (next() is atomic in CPython)
+_NEW_IDS = itertools.count(10_000_000)
 
 
 @dataclass
@@ -63,7 +66,6 @@ def _worker(options: dict[str, Any], stop: threading.Event, stats: Stats, seed: 
         stats.errors.append(f"connect: {error}")
         return
     cursor = connection.cursor()
-    next_id = 10_000_000 + seed * 1_000_000
     try:
         while not stop.is_set():
             choice = rng.random()
@@ -80,10 +82,9 @@ def _worker(options: dict[str, Any], stop: threading.Event, stats: Stats, seed: 
                     cursor.execute("UPDATE demo.accounts SET k = k + 1 WHERE id = %s", (key,))
                     cursor.execute("COMMIT")
                 else:
-                    next_id += 1
                     cursor.execute(
                         "INSERT INTO demo.accounts (id, k, c) VALUES (%s, %s, %s)",
-                        (next_id, rng.randint(1, 1000), "new"),
+                        (next(_NEW_IDS), rng.randint(1, 1000), "new"),
                     )
             except pymysql.MySQLError as error:
                 stats.errors.append(str(error))
@@ -166,12 +167,13 @@ def demo_main(argv: list[str]) -> int:
         connection.close()
         print(f"  primary on 127.0.0.1:{primary.port}, table demo.accounts with {ROWS} rows", flush=True)
 
-        listen_port, http_port = _free_port(), _free_port()
+        listen_port, http_port, admin_port = _free_port(), _free_port(), _free_port()
         command = [
             sys.executable, "-m", "proxy.cli", "serve",
             "--backend", primary.dsn(),
             "--listen", f"127.0.0.1:{listen_port}",
             "--http-listen", f"127.0.0.1:{http_port}",
+            "--admin-listen", f"127.0.0.1:{admin_port}",
             "--log-level", "warning",
         ]
         print(f"tidegate demo: starting the sidecar: {' '.join(command[1:])}", flush=True)
@@ -188,7 +190,7 @@ def demo_main(argv: list[str]) -> int:
             results.append(("through tidegate", run_workload(proxied, args.threads, args.seconds)))
             migration_ok = True
             if not args.no_migration:
-                migration_ok = _migration_phase(primary, proxied, args, results)
+                migration_ok = _migration_phase(primary, proxied, args, results, admin_port)
             print("\nsummary")
             for label, stats in results:
                 print("  " + stats.line(label))
@@ -211,17 +213,13 @@ def demo_main(argv: list[str]) -> int:
 
 
 def _migration_phase(
-    primary: sandbox.Instance, proxied: dict[str, Any], args: argparse.Namespace, results: list[tuple[str, Stats]]
+    primary: sandbox.Instance, proxied: dict[str, Any], args: argparse.Namespace, results: list[tuple[str, Stats]],
+    admin_port: int,
 ) -> bool:
-    """An online ALTER (standalone migrator) while the workload runs through the sidecar."""
+    """An online ALTER started from the sidecar's admin port, under load through the sidecar."""
     alter = "ADD COLUMN note VARCHAR(32) NOT NULL DEFAULT ''"
-    command = [
-        sys.executable, "-m", "proxy.cli", "migrate",
-        "--host", "127.0.0.1", "--port", str(primary.port), "--user", "root", "--password", "root",
-        "--database", "demo", "--table", "accounts", "--alter", alter,
-        "--attempt-instant-ddl=off", "--execute",
-    ]
-    print(f"tidegate demo: online ALTER TABLE demo.accounts {alter} (ghost-table copy) under load", flush=True)
+    print(f"tidegate demo: online ALTER TABLE demo.accounts {alter}", flush=True)
+    print(f"  started from the admin port: mariadb -h127.0.0.1 -P{admin_port} -uadmin", flush=True)
     stop = threading.Event()
     holder: dict[str, Stats] = {}
     runner = threading.Thread(
@@ -229,17 +227,49 @@ def _migration_phase(
     )
     runner.start()
     time.sleep(0.5)
+    admin = pymysql.connect(host="127.0.0.1", port=admin_port, user="admin", password="", autocommit=True)
     started = time.perf_counter()
-    migration = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-    elapsed = time.perf_counter() - started
+    state = "?"
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO migrations (schema_name, table_name, alter_statement, options) "
+            "VALUES ('demo', 'accounts', %s, 'attempt_instant_ddl=off')",
+            (alter,),
+        )
+        migration_id = cursor.lastrowid
+        print(f"  INSERT INTO migrations ... -> migration {migration_id}", flush=True)
+        last = ""
+        while time.perf_counter() - started < 600:
+            cursor.execute(
+                "SELECT state, progress_percent, rows_copied, rows_estimate, rows_per_second, eta_seconds, "
+                f"binlog_lag_seconds, cut_over_attempts, error FROM migrations WHERE id = {int(migration_id)}"
+            )
+            row = cursor.fetchone()
+            state = str(row[0])
+            line = (f"  [{time.perf_counter() - started:5.1f}s] {state:<13} {row[1] or 0:5.1f}% "
+                    f"{row[2] or 0}/{row[3] or 0} rows, {row[4] or 0:.0f} rows/s, eta {row[5] or 0:.0f}s, "
+                    f"binlog lag {(row[6] or 0) * 1000:.0f} ms, cut-over attempts {row[7] or 0}")
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if state in ("complete", "failed", "cancelled"):
+                if row[8]:
+                    print(f"  error: {row[8]}")
+                break
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - started
+        cursor.execute("SELECT result, hold_seconds, drain_seconds, held_statements FROM holds "
+                       "WHERE state = 'finished' AND result = 'released'")
+        holds = cursor.fetchall()
+    admin.close()
     time.sleep(0.5)
     stop.set()
     runner.join()
     results.append(("through tidegate, migrating", holder["stats"]))
-    tail = (migration.stdout + migration.stderr).strip().splitlines()[-6:]
-    for line in tail:
-        print("  migrate: " + line)
     columns = [row[0] for row in primary.execute("SHOW COLUMNS FROM demo.accounts")]
-    ok = migration.returncode == 0 and "note" in columns
-    print(f"  migration {'completed' if ok else 'FAILED'} in {elapsed:.1f}s; columns now: {', '.join(columns)}")
+    ok = state == "complete" and "note" in columns
+    print(f"  migration {state} in {elapsed:.1f}s; columns now: {', '.join(columns)}")
+    for _, hold_seconds, drain_seconds, held in holds:
+        print(f"  cut-over hold: table held {float(hold_seconds) * 1000:.0f} ms after a {float(drain_seconds) * 1000:.0f} ms "
+              f"drain; {held} statements waited and then ran on the new table")
     return ok
