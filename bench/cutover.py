@@ -38,7 +38,7 @@ from typing import Any
 import pymysql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from proxy import sandbox  # noqa: E402
+from proxy import sandbox
 
 ALTER = "ADD COLUMN note VARCHAR(32) NOT NULL DEFAULT ''"
 
