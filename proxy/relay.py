@@ -780,9 +780,39 @@ class Relay:
                 plugin = reader.nul_bytes().decode("ascii", "replace") or auth.NATIVE
         result = await self._authenticate(user, plugin, token, 1)
         if result is None:
+            # Like the server: a failed change of user leaves the connection
+            # usable with a reset session (variables, transaction, statements).
+            await self._reset_backend_session()
             return False
         credentials, sequence = result
-        return await self._open_backend(credentials, database or None, sequence)
+        old = self.backend
+        if old is not None:
+            # Free its connection slot first: the new login takes its own.
+            self.backend = None
+            await old.aclose()
+            self.proxy.backend_closed(self, old)
+        if not await self._open_backend(credentials, database or None, sequence):
+            raise ClientGone()  # the ERR went out; without a backend the session ends
+        return True
+
+    async def _reset_backend_session(self) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        try:
+            await backend.send_all(frame(bytes((Command.RESET_CONNECTION,)), 0)[0])
+            tracker = ResponseTracker(Command.RESET_CONNECTION, self.session.capabilities)
+            while True:
+                data = await backend.receive_some()
+                if not data or tracker.feed(data) >= 0:
+                    break
+        except ConnectionClosed:
+            await self._backend_lost(2, "while resetting the session")
+        session = self.session
+        session.prepared.clear()
+        session.txn_statements = []
+        if tracker.status_known:
+            session.status = tracker.status
 
 
 class RSAKey:

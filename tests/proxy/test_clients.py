@@ -553,7 +553,6 @@ CHANGE_USER_CRASH = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=CHANGE_USER_CRASH)
 @connectors
 def test_change_user(
     driver: Driver,
@@ -584,11 +583,6 @@ def test_change_user(
     assert state["user"] == USER
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a failed COM_CHANGE_USER the server has reset the session (user variables, "
-    "open transaction); the proxy rejects the login itself and keeps the old session",
-)
 @connectors
 def test_failed_change_user_resets_the_session(
     driver: Driver,

@@ -71,10 +71,17 @@ def limited(primary: sandbox.Instance, app_user: tuple[str, str]) -> Iterator[Ru
             "--max-backend-connections", "2",
             "--backend-queue-timeout", "0.5",
             "--handshake-timeout", "0.5",
-            "--idle-timeout", "1",
             "--max-allowed-packet", "1048576",
+            "--no-migrations-enabled",
         ]
     )
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def short_idle(primary: sandbox.Instance, app_user: tuple[str, str]) -> Iterator[RunningProxy]:
+    running = start_proxy(["--backend", primary.dsn(), "--idle-timeout", "1", "--no-migrations-enabled"])
     yield running
     running.stop()
 
@@ -123,8 +130,8 @@ def test_handshake_timeout_closes_silent_clients(limited: RunningProxy) -> None:
     sock.close()
 
 
-def test_idle_timeout_closes_idle_sessions(limited: RunningProxy) -> None:
-    connection = connect(limited)
+def test_idle_timeout_closes_idle_sessions(short_idle: RunningProxy) -> None:
+    connection = connect(short_idle)
     time.sleep(1.6)
     with pytest.raises(pymysql.err.OperationalError):
         with connection.cursor() as cursor:
