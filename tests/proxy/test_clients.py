@@ -546,13 +546,6 @@ def test_statistics_ping_init_db(
     pair.same("SELECT DATABASE()")
 
 
-CHANGE_USER_CRASH = (
-    "COM_CHANGE_USER kills the connection: Proxy.open_backend acquires a second "
-    "CapacityLimiter token on behalf of the relay, which still holds one for its old backend "
-    "(RuntimeError: this borrower is already holding one of this CapacityLimiter's tokens)"
-)
-
-
 @connectors
 def test_change_user(
     driver: Driver,
