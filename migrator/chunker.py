@@ -57,12 +57,21 @@ class Chunk:
 
 @dataclass
 class ChunkSizer:
-    """Multiplicative adjustment of the row count toward ``target_seconds``."""
+    """Row count per chunk, sized toward ``target_seconds`` from the measured rate.
+
+    Like pt-online-schema-change's ``--chunk-time``: the next size is the rate
+    of the last chunk times the target, so the first few chunks reach the
+    target at once instead of doubling toward it.  Steps are bounded (8 times up,
+    a quarter down) so that one fast or slow chunk does not swing it wildly, and a
+    change within ±20 % is ignored as noise.
+    """
 
     size: int
     target_seconds: float
     minimum: int = 100
     maximum: int = 100_000
+    max_growth: float = 8.0
+    max_shrink: float = 0.25
 
     def __post_init__(self) -> None:
         self.size = max(self.minimum, min(self.maximum, self.size))
@@ -71,12 +80,8 @@ class ChunkSizer:
         """Feed one finished chunk; return the next size."""
         if rows <= 0:
             return self.size
-        if seconds <= 0:
-            factor = 2.0
-        else:
-            factor = self.target_seconds / seconds
-        # Damped: at most double, at least halve, and ignore small noise.
-        factor = max(0.5, min(2.0, factor))
+        wanted = rows * self.target_seconds / seconds if seconds > 0 else self.size * self.max_growth
+        factor = max(self.max_shrink, min(self.max_growth, wanted / self.size))
         if 0.8 <= factor <= 1.25:
             return self.size
         if rows < self.size and factor > 1:

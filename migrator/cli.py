@@ -17,6 +17,7 @@ from migrator.inspector import Refusal
 from migrator.runner import Migration, MigrationFailed, Progress, cancel_migration
 from migrator.spec import LoadThreshold, MigrationSpec, OldTablePolicy, SpecError
 from migrator.state import MigrationState, Phase, definition_hash
+from migrator.throttler import CriticalLoad
 
 
 def _bool(text: str) -> bool:
@@ -249,7 +250,7 @@ def main(argv: Sequence[str]) -> int:
     except Refusal as refusal:
         print(f"refused: {refusal}", file=sys.stderr)
         return 4
-    except MigrationFailed as error:
+    except (MigrationFailed, CriticalLoad) as error:
         print(f"failed: {error}", file=sys.stderr)
         return 1
     except db.DatabaseError as error:

@@ -220,6 +220,12 @@ class Migration:
         control = await db.connect(spec.settings)
         try:
             return await self._run(control)
+        except BaseExceptionGroup as group:
+            # One real failure inside our task nurseries: raise it as itself.
+            leaf = _single_failure(group)
+            if leaf is None:
+                raise
+            raise leaf from group
         finally:
             await control.close()
 
@@ -496,7 +502,7 @@ class Migration:
             cut = CutOver(self.spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, self.spec.database, self.spec.table, self.spec.ghost_table), None)
             await cut.drop_triggers(control)
             await cut.drop_sentry(control)
-        if isinstance(error, trio.Cancelled | KeyboardInterrupt):
+        if _interrupted(error):
             self._say(f"interrupted in {state.phase.value}; continue with --resume, or abandon with --cancel")
             return
         with contextlib.suppress(Exception):
@@ -802,10 +808,65 @@ class Migration:
                 with contextlib.suppress(DatabaseError):
                     await workers[0].execute("COMMIT")
         self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else ""))
+        await self._converge(cut, checksummer, locker, workers[0])
+
+    async def _converge(self, cut: CutOver, checksummer: Checksummer, locker: Connection, snapshot: Connection) -> None:
+        """Verify the keys changed during the checksum in a fresh snapshot, until few are left.
+
+        The cut-over compares every key changed since the last verified
+        snapshot while the table is locked; on a busy table a long checksum
+        leaves thousands.  Each round takes a short READ lock (writers wait a
+        few ms; readers and the application's transactions are unaffected),
+        opens a new snapshot, starts a new tracked set there, and compares the
+        previous set in that snapshot.
+        """
+        spec = self.spec
+        applier = cut.applier
+        for _ in range(spec.converge_rounds):
+            tracked = applier.tracking
+            if tracked is None or len(tracked) <= spec.converge_keys:
+                return
+            previous = sorted(tracked, key=repr)
+            await self._snapshot(cut, locker, [snapshot], reset_tracking=True)
+            try:
+                differing = await checksummer.compare_keys(snapshot, previous)
+            finally:
+                with contextlib.suppress(DatabaseError):
+                    await snapshot.execute("COMMIT")
+            if len(differing) > spec.checksum_repair_limit:
+                raise ChecksumMismatch(f"{len(differing)} of {len(previous)} changed keys differ: {differing[:10]!r}")
+            if differing:
+                await db.with_retries(lambda keys=differing: applier.resync(locker, keys),  # type: ignore[misc]
+                                      retries=spec.default_retries, what="re-sync differing keys")
+                assert applier.tracking is not None
+                applier.tracking.update(differing)
+            self._say(f"delta: {len(previous)} keys changed during the last check equal in a new snapshot"
+                      + (f" after re-syncing {len(differing)}" if differing else ""))
 
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:
         return [await checksummer.differing_keys(connection, mismatch) for mismatch in mismatches]
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Cancelled (a signal, the embedding process) rather than failed: resumable."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_interrupted(inner) for inner in error.exceptions)
+    return isinstance(error, trio.Cancelled | KeyboardInterrupt)
+
+
+def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        elif not isinstance(error, trio.Cancelled):
+            leaves.append(error)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 #: More differing ranges than this in one checksum is a defect, not the commit-visibility race.

@@ -134,6 +134,8 @@ class MigrationSpec:
     checksum_chunk_time: float = 0.25  # target seconds per compared range
     checksum_repair_rounds: int = 2  # re-sync + re-compare rounds for ranges hit by the commit-visibility race
     checksum_repair_limit: int = 1000  # more differing keys than this fails at once
+    converge_keys: int = 500  # re-verify changed keys in fresh snapshots until at most this many are left
+    converge_rounds: int = 3
 
     def __post_init__(self) -> None:
         for name, value in (("--database", self.database), ("--table", self.table)):

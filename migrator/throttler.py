@@ -131,7 +131,8 @@ class Throttle:
             for replica in self._replicas:
                 try:
                     rows = await replica.query(
-                        "SELECT TIMESTAMPDIFF(MICROSECOND, SUBSTRING_INDEX(value, ' ', -1), UTC_TIMESTAMP(6)) "
+                        # value is "<seq> <UTC timestamp>"; the timestamp itself holds a space
+                        "SELECT TIMESTAMPDIFF(MICROSECOND, SUBSTRING(value, LOCATE(' ', value) + 1), UTC_TIMESTAMP(6)) "
                         f"FROM {qualified(*self._changelog)} WHERE hint = 'heartbeat'"
                     )
                     lag = float(rows[0][0]) / 1e6 if rows and rows[0][0] is not None else float("inf")
