@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="tidegate",
         description="MySQL sidecar proxy with an online schema-change migrator.",
     )
-    parser.add_argument("command", choices=["serve", "migrate", "schema-version", "demo"])
+    parser.add_argument("command", choices=["serve", "migrate", "schema-version", "demo", "lead-migration"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from migrator.cli import main as migrator_main
 
         return migrator_main([command, *rest])
+    if command == "lead-migration":  # internal: a sidecar's child leading one migration
+        from proxy.migrations import lead_main
+
+        return lead_main(rest)
     if command == "demo":
         from proxy.demo import demo_main
 

@@ -20,6 +20,9 @@ import io
 import json
 import logging
 import shlex
+import subprocess
+import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,14 +94,25 @@ def build_spec(settings: ConnectionSettings, schema: str, table: str, alter: str
 
 
 @dataclass
+class ChildRunning:
+    """A migration this sidecar leads in a child process (see ``lead_main``)."""
+
+    request_id: int
+    process: trio.Process
+    lock_db: ServiceDatabase
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Running:
     request_id: int
     migration: Migration
     gate: FleetGate
     scope: trio.CancelScope
-    lock_db: ServiceDatabase
+    lock_db: ServiceDatabase | None
     last_line: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
+    drain_timeouts: Any = None
 
 
 class MigrationService:
@@ -112,7 +126,11 @@ class MigrationService:
         poll_interval: float = 1.0,
         on_progress: Callable[[int, Progress], None] | None = None,
         on_cutover: Callable[[str], None] | None = None,
+        isolate: bool = True,
     ) -> None:
+        #: run each led migration in a child process, so its copy, checksum and
+        #: binlog decoding never compete with the relay for this process's GIL
+        self.isolate = isolate
         self.endpoint = endpoint
         self.service = service
         self.credentials = Credentials.from_password(*service)
@@ -121,12 +139,15 @@ class MigrationService:
         self.schema_name = schema
         self.schema = identifier(schema)
         self.poll_interval = poll_interval
-        self.running: dict[int, Running] = {}
+        self.running: dict[int, Running | ChildRunning] = {}
+        self._restarts: dict[int, int] = {}
+        self._drain_timeouts_seen: dict[int, int] = {}
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._on_progress = on_progress
         self._on_cutover = on_cutover
         self._schema_ready = False
+        self._orphaned = False
 
     @property
     def settings(self) -> ConnectionSettings:
@@ -166,13 +187,18 @@ class MigrationService:
 
     async def _claim(self) -> None:
         rows = (await self.db.query(
-            f"SELECT id, schema_name, table_name, alter_statement, options, state, control "
+            f"SELECT id, schema_name, table_name, alter_statement, options, state, control, progress "
             f"FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') ORDER BY id"
         )).text_rows()
-        for row in rows:
+        for full_row in rows:
+            row, progress_text = full_row[:7], full_row[7]
             request_id = int(row[0] or 0)
             if request_id in self.running:
-                await self._apply_remote_commands(request_id, row[6])
+                current = self.running[request_id]
+                if isinstance(current, Running):
+                    await self._apply_remote_commands(request_id, row[6])
+                elif progress_text:
+                    self._child_progress(current, json.loads(progress_text))
                 continue
             lock_db = ServiceDatabase(self.endpoint, self.credentials)
             try:
@@ -185,12 +211,15 @@ class MigrationService:
                 continue
             resume = row[5] == "running"  # its leader died: take over where it stopped
             assert self._nursery is not None
-            await self._nursery.start(self._lead, request_id, row, lock_db, resume)
+            if self.isolate:
+                await self._nursery.start(self._lead_child, request_id, lock_db, resume)
+            else:
+                await self._nursery.start(self._lead, request_id, row, lock_db, resume)
 
     def _lock_name(self, request_id: int) -> str:
         return f"tidegate:{self.schema_name}:migration:{request_id}"
 
-    async def _lead(self, request_id: int, row: tuple[str | None, ...], lock_db: ServiceDatabase, resume: bool,
+    async def _lead(self, request_id: int, row: tuple[str | None, ...], lock_db: ServiceDatabase | None, resume: bool,
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         _, schema, table, alter, options_text, _, _ = row
         assert schema is not None and table is not None and alter is not None
@@ -199,7 +228,8 @@ class MigrationService:
             spec, postpone = build_spec(self.settings, schema, table, alter, options, resume=resume)
         except (ControlError, ValueError) as error:
             await self._finish_request(request_id, "failed", str(error))
-            await lock_db.aclose()
+            if lock_db is not None:
+                await lock_db.aclose()
             task_status.started()
             return
         gate = FleetGate(self.db, schema=self.schema_name, leader=self.fleet.id)
@@ -216,6 +246,7 @@ class MigrationService:
             migration.postpone(True)
         scope = trio.CancelScope()
         running = Running(request_id, migration, gate, scope, lock_db)
+        running.drain_timeouts = gate_adapter
         self.running[request_id] = running
         await self.db.query(
             f"UPDATE {self.schema}.migration_requests SET state = 'running', leader = {literal(self.fleet.id)}, "
@@ -232,7 +263,7 @@ class MigrationService:
                     state = "complete" if str(result.phase.value) == "complete" else str(result.phase.value)
                 nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
-                state = "cancelled"
+                state = "running" if self._orphaned else "cancelled"
         except Exception as failure:
             failure_text = f"{type(failure).__name__}: {failure}"
             log.error("migration %d failed: %s", request_id, failure_text)
@@ -244,10 +275,126 @@ class MigrationService:
                 except Exception as cleanup:
                     log.warning("migration %d: cut-over rows not cleaned: %s", request_id, cleanup)
                 progress = self._progress_row(running, lines)
-                await self._finish_request(
-                    request_id, state, failure_text or (lines[-1] if state != "complete" and lines else None), progress
-                )
-                await lock_db.aclose()
+                if state != "running":  # an orphaned leader leaves it resumable
+                    await self._finish_request(
+                        request_id, state, failure_text or (lines[-1] if state != "complete" and lines else None),
+                        progress,
+                    )
+                if lock_db is not None:
+                    await lock_db.aclose()
+
+    async def _lead_child(self, request_id: int, lock_db: ServiceDatabase, resume: bool,
+                          *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Lead a migration in a child process; this sidecar keeps the leader lock."""
+        user, password = self.service
+        dsn = (f"mysql://{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+               f"@{self.endpoint.host}:{self.endpoint.port}")
+        command = [sys.executable, "-m", "proxy.cli", "lead-migration", "--backend", dsn,
+                   "--state-schema", self.schema_name, "--request-id", str(request_id),
+                   "--leader-id", self.fleet.id]
+        if resume:
+            command.append("--resume")
+        await self.db.query(
+            f"UPDATE {self.schema}.migration_requests SET state = 'running', leader = {literal(self.fleet.id)}, "
+            f"updated_at = NOW(6), error = NULL WHERE id = {request_id}"
+        )
+        # The child exits when its stdin closes: a dead sidecar takes its child along.
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE)
+        self.running[request_id] = ChildRunning(request_id, process, lock_db)
+        log.info("migration %d: leading it in child process %d%s", request_id, process.pid,
+                 " (resuming)" if resume else "")
+        task_status.started()
+        try:
+            await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.terminate()
+                    with trio.move_on_after(10):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+                child = self.running.pop(request_id, None)
+                rows = (await self.db.query(
+                    f"SELECT state, progress FROM {self.schema}.migration_requests WHERE id = {request_id}"
+                )).text_rows()
+                if rows and rows[0][1] and isinstance(child, ChildRunning):
+                    final = json.loads(rows[0][1])
+                    if rows[0][0] == "complete":
+                        final["phase"] = "complete"
+                    self._child_progress(child, final)
+                if rows and rows[0][0] == "running":
+                    restarts = self._restarts.get(request_id, 0) + 1
+                    self._restarts[request_id] = restarts
+                    if restarts >= 3:
+                        await self._finish_request(
+                            request_id, "failed",
+                            f"leader process exited with code {process.returncode} {restarts} times",
+                        )
+                    else:
+                        log.warning("migration %d: leader process exited with code %s; it will resume",
+                                    request_id, process.returncode)
+                await lock_db.aclose()  # frees the leader lock: any sidecar may resume it
+                self._wake.set()
+
+    def _child_progress(self, child: ChildRunning, progress: dict[str, Any]) -> None:
+        """Metrics for a migration led by our child process, from its progress row."""
+        child.progress = progress
+        if self._on_progress is not None:
+            snapshot = Progress()
+            for name in ("phase", "rows_copied", "rows_estimate", "binlog_lag_seconds", "cut_over_attempts"):
+                if progress.get(name) is not None:
+                    setattr(snapshot, name, progress[name])
+            self._on_progress(child.request_id, snapshot)
+        if self._on_cutover is not None:
+            seen = self._drain_timeouts_seen.get(child.request_id, 0)
+            now = int(progress.get("drain_timeouts") or 0)
+            for _ in range(seen, now):
+                self._on_cutover("drain_timeout")
+            self._drain_timeouts_seen[child.request_id] = now
+
+    async def run_request(self, request_id: int, resume: bool) -> int:
+        """Body of a child leader: run one requested migration; returns an exit code."""
+        rows = (await self.db.query(
+            f"SELECT id, schema_name, table_name, alter_statement, options, state, control "
+            f"FROM {self.schema}.migration_requests WHERE id = {int(request_id)}"
+        )).text_rows()
+        if not rows:
+            log.error("no migration request %d", request_id)
+            return 2
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            done = trio.Event()
+
+            async def lead() -> None:
+                await self._lead(request_id, rows[0], None, resume)
+                done.set()
+
+            async def watch_parent() -> None:
+                # The sidecar closes our stdin when it dies or stops: stop, resumably.
+                await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+                log.warning("migration %d: the sidecar went away; stopping (resumable)", request_id)
+                self._orphaned = True
+                running = self.running.get(request_id)
+                if isinstance(running, Running):
+                    running.scope.cancel()
+
+            async def commands() -> None:
+                while True:
+                    await trio.sleep(0.25)
+                    control = (await self.db.query(
+                        f"SELECT control FROM {self.schema}.migration_requests WHERE id = {int(request_id)}"
+                    )).text_rows()
+                    if control:
+                        await self._apply_remote_commands(request_id, control[0][0])
+
+            nursery.start_soon(lead)
+            nursery.start_soon(watch_parent)
+            nursery.start_soon(commands)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+        return 0
 
     async def _finish_request(self, request_id: int, state: str, error: str | None,
                               progress: dict[str, Any] | None = None) -> None:
@@ -273,6 +420,7 @@ class MigrationService:
             "cut_over_attempts": getattr(progress, "cut_over_attempts", 0),
             "chunk_size": getattr(progress, "chunk_size", 0),
             "last_refusal": running.gate.last_refusal,
+            "drain_timeouts": getattr(running.drain_timeouts, "refusals", 0),
             "last_line": lines[-1] if lines else "",
         }
         running.progress = row
@@ -282,7 +430,7 @@ class MigrationService:
 
     async def _report(self, running: Running, lines: list[str]) -> None:
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(0.5)
             row = self._progress_row(running, lines)
             try:
                 await self.db.query(
@@ -341,7 +489,8 @@ class MigrationService:
         for row in rows:
             request_id = int(row["id"] or 0)
             running = self.running.get(request_id)
-            progress = running.progress if running and running.progress else json.loads(row["progress"] or "{}")
+            progress = (running.progress if isinstance(running, Running) and running.progress
+                        else json.loads(row["progress"] or "{}"))
             out.append({
                 "id": request_id,
                 "schema_name": row["schema_name"],
@@ -394,7 +543,7 @@ class MigrationService:
             raise ControlError(f"migration {request_id} is {state}; only pending or running migrations take commands")
         self._check_command(name, value)
         running = self.running.get(request_id)
-        if running is not None:
+        if isinstance(running, Running):
             self._apply(running, name, value)
             return
         if state == "pending" and name == "cancel":
@@ -445,7 +594,7 @@ class MigrationService:
         if not control:
             return
         running = self.running.get(request_id)
-        if running is None:
+        if not isinstance(running, Running):
             return
         await self.db.query(
             f"UPDATE {self.schema}.migration_requests SET control = NULL WHERE id = {request_id}"
@@ -460,6 +609,7 @@ class _AnnouncingGate:
     def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 1.2) -> None:
         self.gate = gate
         self.announce_wait = announce_wait
+        self.refusals = 0
         self._on_cutover = on_cutover
         self._announced = False
 
@@ -472,6 +622,7 @@ class _AnnouncingGate:
             await trio.sleep(self.announce_wait)
         held = await self.gate.hold(schema, table, drain_timeout=drain_timeout, hold_timeout=hold_timeout)
         if not held:
+            self.refusals += 1
             log.info("cut-over of %s.%s not now: %s", schema, table, self.gate.last_refusal)
             if self._on_cutover is not None:
                 self._on_cutover("drain_timeout")
@@ -480,3 +631,33 @@ class _AnnouncingGate:
     async def release(self, schema: str, table: str) -> None:
         await self.gate.release(schema, table)
 
+
+
+def lead_main(argv: builtins.list[str]) -> int:
+    """``tidegate lead-migration``: the child process a sidecar leads a migration in."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tidegate lead-migration")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--state-schema", default="_tidegate")
+    parser.add_argument("--request-id", type=int, required=True)
+    parser.add_argument("--leader-id", required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parsed = urllib.parse.urlsplit(args.backend)
+    endpoint = Endpoint("primary", parsed.hostname or "127.0.0.1", parsed.port or 3306)
+    service = (urllib.parse.unquote(parsed.username or ""), urllib.parse.unquote(parsed.password or ""))
+
+    class _Leader:
+        id = args.leader_id
+        ready = trio.Event()
+
+        async def ensure_schema(self) -> None:
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> int:
+        service_ = MigrationService(endpoint, service, _Leader(), schema=args.state_schema)  # type: ignore[arg-type]
+        return await service_.run_request(args.request_id, args.resume)
+
+    return trio.run(main)
