@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -660,4 +661,10 @@ def lead_main(argv: builtins.list[str]) -> int:
         service_ = MigrationService(endpoint, service, _Leader(), schema=args.state_schema)  # type: ignore[arg-type]
         return await service_.run_request(args.request_id, args.resume)
 
-    return trio.run(main)
+    code = trio.run(main)
+    # A worker thread may still block reading stdin (the parent-death watch);
+    # skip interpreter finalization, which would abort on its lock.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
