@@ -128,7 +128,7 @@ class Fleet:
         sidecar_id: str | None = None,
         listen: str = "",
         heartbeat_interval: float = 1.0,
-        slow_poll: float = 1.0,
+        slow_poll: float = 0.5,
         fast_poll: float = 0.005,
     ) -> None:
         self.db = db

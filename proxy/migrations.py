@@ -607,7 +607,7 @@ class MigrationService:
 class _AnnouncingGate:
     """FleetGate plus bookkeeping the runner does not know about."""
 
-    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 1.2) -> None:
+    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 0.6) -> None:
         self.gate = gate
         self.announce_wait = announce_wait
         self.refusals = 0
