@@ -311,6 +311,8 @@ class Relay:
         self.authenticated = False
         self.scope = trio.CancelScope()
         self._waiter: Waiter | None = None
+        self.idle_since = 0.0
+        self.idle_expired = False
 
     # -- plumbing --------------------------------------------------------
 
@@ -559,14 +561,14 @@ class Relay:
     async def _command_loop(self) -> None:
         proxy = self.proxy
         idle_timeout = proxy.settings.idle_timeout
-        # One scope for the connection's life: its deadline is pushed forward
-        # while waiting for a command and lifted while one runs (cheaper than a
-        # new cancel scope per command).  Shutdown cancels it while idle.
+        # One scope for the connection's life, cancelled by the proxy's idle
+        # watchdog (or by shutdown) only while the session waits for a command.
+        # Moving a deadline per command would cost more than the relay itself.
         with trio.CancelScope() as scope:
             self.idle_scope = scope
             await self._commands(scope, idle_timeout)
         self.idle_scope = None
-        if scope.cancelled_caught and not proxy.draining:
+        if scope.cancelled_caught and self.idle_expired and not proxy.draining:
             log.info("client %s: idle for %ss, closing", self.session.peer, idle_timeout)
             await self._send_error(
                 ErrorCode.NET_READ_INTERRUPTED,
@@ -582,17 +584,16 @@ class Relay:
         reader = self.reader
         counter = 0
         counted_in = counted_out = 0
-        inf = float("inf")
+        current_time = trio.current_time
         while True:
             packet = reader.next_packet()
             if packet is None:
                 if proxy.draining and not session.in_transaction:
                     return
-                scope.deadline = trio.current_time() + idle_timeout
+                self.idle_since = current_time()
                 self.idle = True
                 packet = await self._read_client_packet()
                 self.idle = False
-                scope.deadline = inf
             counter += 1
             if counter & 63 == 0:
                 await trio.lowlevel.checkpoint()
@@ -932,11 +933,26 @@ class Proxy:
         self._listeners = listeners
         self.listening = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
         async with trio.open_nursery() as handlers:
+            handlers.start_soon(self._idle_watchdog)
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
                     acceptors.start_soon(self._accept_loop, listener, handlers)
                 task_status.started(self.listening)
             # acceptors end when the listeners close (shutdown); handlers drain
+
+    async def _idle_watchdog(self) -> None:
+        """Closes sessions idle longer than idle_timeout (checked every second)."""
+        timeout = self.settings.idle_timeout
+        interval = min(1.0, max(timeout / 4, 0.05))
+        while self.listening or not self.draining:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for relay in list(self.relays.values()):
+                if relay.idle and relay.idle_scope is not None and now - relay.idle_since > timeout:
+                    relay.idle_expired = True
+                    relay.idle_scope.cancel()
+            if self.draining and not self.relays:
+                return
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         sock = listener.socket
