@@ -283,6 +283,19 @@ class Sandbox:
     def _spawn(
         self, name: str, server_id: int, options: tuple[str, ...], role: str, tls: bool = False
     ) -> Instance:
+        # free_port() releases the port before mariadbd binds it; another
+        # process may take it in between, so a start that dies is retried.
+        for attempt in range(3):
+            try:
+                return self._spawn_once(name, server_id, options, role, tls)
+            except SandboxError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _spawn_once(
+        self, name: str, server_id: int, options: tuple[str, ...], role: str, tls: bool
+    ) -> Instance:
         assert self.base is not None
         directory = self.base / name
         if directory.exists():
@@ -332,8 +345,8 @@ class Sandbox:
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
-        self.instances.append(instance)
         self._wait_ready(instance)
+        self.instances.append(instance)
         return instance
 
     def _wait_ready(self, instance: Instance, timeout: float = 90.0) -> None:
@@ -376,6 +389,7 @@ class Sandbox:
             finally:
                 connection.close()
             return
+        instance.kill()  # never leak a server that did not come up
         raise SandboxError(
             f"mariadbd {instance.name} not ready after {timeout:.0f}s ({last_error}):\n"
             f"{instance.tail_log()}"

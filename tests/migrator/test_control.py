@@ -128,7 +128,10 @@ async def test_kill9_during_copy_and_cut_over_then_resume(
     alter = "ADD COLUMN extra VARCHAR(8) NOT NULL DEFAULT 'z'"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     process = subprocess.Popen(
-        migrate_command(primary, database, "--alter", alter, "--execute", "--throttle-flag-file", str(throttle)),
+        # Small fixed chunks: the copy must still be running when it is killed
+        # (the adaptive size would copy 6000 rows in one chunk).
+        migrate_command(primary, database, "--alter", alter, "--execute", "--throttle-flag-file", str(throttle),
+                        "--chunk-size", "100", "--max-chunk-size", "100"),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
