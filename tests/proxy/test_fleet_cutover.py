@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 class Sidecar:
     port: int
     http_port: int
+    admin_port: int
     process: subprocess.Popen[bytes]
 
     def metrics(self) -> str:
@@ -51,15 +52,15 @@ class Sidecar:
 def start_sidecars(primary: sandbox.Instance, state_schema: str, count: int) -> list[Sidecar]:
     sidecars = []
     for _ in range(count):
-        port, http_port = sandbox.free_port(), sandbox.free_port()
+        port, http_port, admin_port = sandbox.free_port(), sandbox.free_port(), sandbox.free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--backend", primary.dsn(),
              "--listen", f"127.0.0.1:{port}", "--http-listen", f"127.0.0.1:{http_port}",
-             "--admin-listen", f"127.0.0.1:{sandbox.free_port()}",
+             "--admin-listen", f"127.0.0.1:{admin_port}",
              "--state-schema", state_schema, "--log-level", os.environ.get("TIDEGATE_TEST_LOG_LEVEL", "warning")],
             env=dict(os.environ),
         )
-        sidecars.append(Sidecar(port, http_port, process))
+        sidecars.append(Sidecar(port, http_port, admin_port, process))
     deadline = time.monotonic() + 30
     for sidecar in sidecars:
         while True:
@@ -241,8 +242,17 @@ def test_three_sidecars_zero_errors(primary: sandbox.Instance, fleet_table: str)
     try:
         work, threads = run_workload(sidecars, database)
         time.sleep(1)
-        request_id = request_migration(primary, state_schema, database,
-                                       "ADD COLUMN note VARCHAR(32) NOT NULL DEFAULT ''")
+        # Started from one sidecar's admin port, as an operator would.
+        admin = pymysql.connect(host="127.0.0.1", port=sidecars[1].admin_port, user="admin", password="",
+                                autocommit=True)
+        with admin.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO migrations (schema_name, table_name, alter_statement, options) "
+                "VALUES (%s, 'orders', %s, 'attempt_instant_ddl=off')",
+                (database, "ADD COLUMN note VARCHAR(32) NOT NULL DEFAULT ''"),
+            )
+            request_id = int(cursor.lastrowid)
+        admin.close()
         state, error = wait_for_migration(primary, state_schema, request_id, timeout=400)
         time.sleep(0.5)
         work.stop.set()
@@ -251,6 +261,7 @@ def test_three_sidecars_zero_errors(primary: sandbox.Instance, fleet_table: str)
         assert state == "complete", error
         assert work.errors == [], work.errors[:5]
         assert work.statements > 100
+        assert ROWS < 200_000 or primary.execute(f"SELECT COUNT(*) FROM `{database}`.orders")[0][0] >= 200_000
         compare_with_control(primary, database)
         columns = [row[0] for row in primary.execute(f"SHOW COLUMNS FROM `{database}`.orders")]
         assert columns == ["id", "k", "c", "note"]
