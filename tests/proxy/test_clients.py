@@ -18,6 +18,8 @@ import io
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -886,6 +888,47 @@ def test_unknown_database_forwarded(
         errors.append((driver.code(info.value), str(info.value)))
     assert errors[0][0] == errors[1][0] == 1049
     assert "no_such_database" in errors[1][1]
+
+
+KILL_IDS = (
+    "KILL takes the thread id the client got in the handshake (pymysql's kill(), the mariadb "
+    "CLI's Ctrl-C), but the proxy announces its own connection ids, which are not the backend's "
+    "thread ids: the server answers 1094 Unknown thread id, or kills an unrelated session that "
+    "happens to have that id"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=KILL_IDS)
+def test_kill_by_the_thread_id_from_the_handshake(
+    tidegate: RunningProxy, primary: sandbox.Instance
+) -> None:
+    outcomes = []
+    for host, port in ((primary.host, primary.port), (tidegate.host, tidegate.port)):
+        victim = PYMYSQL.connect(host, port)
+        killer = PYMYSQL.connect(host, port)
+        # KILL QUERY <id> while the victim sleeps: the sleep ends early.
+        box: dict[str, Any] = {}
+
+        def sleep(victim: Any = victim, box: dict[str, Any] = box) -> None:
+            box["started"] = time.monotonic()
+            box["result"] = collect(PYMYSQL, victim, "SELECT SLEEP(3)")
+            box["seconds"] = time.monotonic() - box["started"]
+
+        thread = threading.Thread(target=sleep)
+        thread.start()
+        time.sleep(0.5)
+        killed_query = collect(PYMYSQL, killer, f"KILL QUERY {victim.thread_id()}")
+        thread.join(10)
+        # KILL <id> (pymysql's Connection.kill): the victim's connection ends.
+        try:
+            killer.kill(victim.thread_id())
+            killed: Any = "ok"
+        except pymysql.err.MySQLError as error:
+            killed = error.args[0]
+        alive = collect(PYMYSQL, victim, "SELECT 1")  # 2013 once killed
+        outcomes.append((killed_query, box["result"], box["seconds"] < 2.5, killed, alive))
+        killer.close()
+    assert outcomes[1] == outcomes[0]
 
 
 # -- the mariadb CLI -------------------------------------------------------------
