@@ -10,17 +10,25 @@ The leader proceeds only when every live sidecar acknowledged the hold
 within the deadline; otherwise it releases and retries later.  Every local
 hold has its own timeout, so a dead leader never wedges an application.
 
+While a cut-over is announced, each sidecar also publishes a compact list of
+its sessions that are in a transaction (``_tidegate.sessions``: at most 200,
+oldest first, with the client behind each backend connection), so the
+leader's blocker report (``proxy.blockers``) can name the client behind a
+database session that came through any sidecar.
+
 No extra infrastructure: the primary is the coordination point.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,8 +41,15 @@ from proxy.backends import (
     QueryResult,
     connect,
 )
+from proxy.events import NULL_EVENTS, EventSink
 from proxy.gate import Gate
 from proxy.netio import ConnectionClosed
+
+if TYPE_CHECKING:
+    from proxy.blockers import ClientSession
+
+#: this sidecar's sessions, with which of the given tables their transaction touched
+SessionSource = Callable[[Iterable[str]], "list[ClientSession]"]
 
 log = logging.getLogger("tidegate.fleet")
 
@@ -52,6 +67,12 @@ SCHEMA_SQL = (
     " table_key VARCHAR(130) NOT NULL, epoch BIGINT NOT NULL, sidecar VARCHAR(64) NOT NULL,"
     " result VARCHAR(16) NOT NULL, detail TEXT NULL, at DATETIME(6) NOT NULL,"
     " PRIMARY KEY (table_key, epoch, sidecar)) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS {s}.sessions ("
+    " sidecar VARCHAR(64) NOT NULL, session_id BIGINT NOT NULL, backend_id BIGINT NULL,"
+    " `user` VARCHAR(255) NOT NULL, client VARCHAR(255) NOT NULL, db VARCHAR(64) NULL,"
+    " transaction_seconds DOUBLE NULL, statement TEXT NULL, tags TEXT NULL, touched TEXT NULL,"
+    " snapshot BIGINT NOT NULL, at DATETIME(6) NOT NULL,"
+    " PRIMARY KEY (sidecar, session_id), KEY backend (backend_id)) ENGINE=InnoDB",
 )
 
 
@@ -130,6 +151,8 @@ class Fleet:
         heartbeat_interval: float = 1.0,
         slow_poll: float = 0.5,
         fast_poll: float = 0.005,
+        sessions: SessionSource | None = None,
+        publish_interval: float = 2.0,
     ) -> None:
         self.db = db
         self.gate = gate
@@ -144,6 +167,15 @@ class Fleet:
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
         self.last_error: str | None = None
+        #: this sidecar's sessions for blocker reports (None: publish nothing)
+        self.sessions = sessions
+        self.publish_interval = publish_interval
+        self.events: EventSink = NULL_EVENTS
+        #: tables with a cut-over row now (announced, holding or between attempts)
+        self._cutovers: set[str] = set()
+        self._publish_wanted = trio.Event()
+        self._publish_lock = trio.Lock()
+        self._published = False
 
     async def ensure_schema(self) -> None:
         await self.db.query(f"CREATE DATABASE IF NOT EXISTS {self.schema}")
@@ -165,6 +197,8 @@ class Fleet:
                     await trio.sleep(2)
             self.ready.set()
             nursery.start_soon(self._heartbeat)
+            if self.sessions is not None:
+                nursery.start_soon(self._publisher)
             await self._poll_cutovers()
 
     async def _register(self) -> None:
@@ -194,8 +228,53 @@ class Fleet:
         with trio.move_on_after(1):
             try:
                 await self.db.query(f"DELETE FROM {self.schema}.sidecars WHERE id = {literal(self.id)}")
+                if self._published:
+                    await self.db.query(f"DELETE FROM {self.schema}.sessions WHERE sidecar = {literal(self.id)}")
             except Exception as error:
                 log.info("fleet: could not deregister: %s", error)
+
+    # -- sessions snapshot (for blocker reports) ------------------------------
+
+    async def _publisher(self) -> None:
+        """Publish while a cut-over row exists: at once when one appears, then every few seconds."""
+        while True:
+            with trio.move_on_after(self.publish_interval if self._cutovers else math.inf):
+                await self._publish_wanted.wait()
+            self._publish_wanted = trio.Event()
+            try:
+                if self._cutovers:
+                    await self.publish_sessions(sorted(self._cutovers))
+                elif self._published:
+                    async with self._publish_lock:
+                        await self.db.query(f"DELETE FROM {self.schema}.sessions WHERE sidecar = {literal(self.id)}")
+                        self._published = False
+            except Exception as error:  # best effort: a report without our clients is still a report
+                log.warning("fleet: could not publish sessions: %s", error)
+
+    async def publish_sessions(self, tables: Iterable[str]) -> list[ClientSession]:
+        """Replace this sidecar's rows in ``sessions`` with its sessions now."""
+        if self.sessions is None:
+            return []
+        async with self._publish_lock:
+            sessions = self.sessions(tables)
+            snapshot = time.time_ns()
+            if sessions:
+                values = ", ".join(
+                    f"({literal(self.id)}, {s.session_id}, {literal(s.backend_id)}, {literal(s.user[:255])}, "
+                    f"{literal(s.client[:255])}, {literal((s.schema or '')[:64] or None)}, "
+                    f"{literal(s.transaction_seconds)}, {literal((s.statement or '')[:500] or None)}, "
+                    f"{literal(s.tags or None)}, {literal(','.join(s.touched) or None)}, {snapshot}, NOW(6))"
+                    for s in sessions
+                )
+                await self.db.query(
+                    f"REPLACE INTO {self.schema}.sessions (sidecar, session_id, backend_id, `user`, client, db, "
+                    f"transaction_seconds, statement, tags, touched, snapshot, at) VALUES {values}"
+                )
+            await self.db.query(
+                f"DELETE FROM {self.schema}.sessions WHERE sidecar = {literal(self.id)} AND snapshot <> {snapshot}"
+            )
+            self._published = True
+            return sessions
 
     async def _poll_cutovers(self) -> None:
         while True:
@@ -210,6 +289,9 @@ class Fleet:
                     assert key is not None and epoch_text is not None
                     epoch = int(epoch_text)
                     seen.add(key)
+                    if key not in self._cutovers:
+                        self._cutovers.add(key)
+                        self._publish_wanted.set()  # a cut-over is announced: say who is in a transaction
                     if phase in ("announce", "hold"):
                         fast = True
                     if phase == "hold" and self._handled.get(key, -1) < epoch:
@@ -220,6 +302,9 @@ class Fleet:
                 for key in list(self._holds):
                     if key not in seen:
                         self._end_hold(key)
+                if self._cutovers - seen:
+                    self._cutovers &= seen
+                    self._publish_wanted.set()
                 self.last_error = None
             except Exception as error:
                 self.last_error = str(error)
@@ -254,10 +339,12 @@ class Fleet:
                     await previous.wait()  # the earlier epoch's hold must be gone first
                 try:
                     held = await self.gate.hold(schema, table, drain_timeout=drain, hold_timeout=hold_timeout)
-                    detail = "" if held else "; ".join(map(str, self.gate.history[-1]["blockers"])) if self.gate.history else ""  # type: ignore[call-overload]
+                    detail = "" if held else await self._refusal_detail(key)
                 except RuntimeError as error:  # e.g. already held: answer, never crash
                     detail = str(error)
                 await self._ack(key, epoch, "held" if held else "refused", detail)
+                self.events.emit("cutover.ack", table=key, epoch=epoch, result="held" if held else "refused",
+                                 detail=detail or None)
                 if held:
                     await trio.sleep_forever()  # until release (cancel) or the gate's own expiry
         finally:
@@ -267,6 +354,34 @@ class Fleet:
                 hold.done.set()
             if self._holds.get(key) is hold:
                 del self._holds[key]
+
+    async def _refusal_detail(self, key: str) -> str:
+        """Why the drain gave up, naming the client behind each blocking session.
+
+        Publishes the sessions snapshot first (with what each transaction
+        touched), so the leader's report finds the blockers' backend ids.
+        """
+        if not self.gate.history:
+            return ""
+        last = self.gate.history[-1]
+        reasons = [str(reason) for reason in last.get("blockers", []) or []]  # type: ignore[attr-defined]
+        blocking = [int(i) for i in last.get("blocking_sessions", []) or []]  # type: ignore[attr-defined]
+        if self.sessions is None or not blocking:
+            return "; ".join(reasons)
+        try:
+            with trio.move_on_after(1):
+                sessions = {s.session_id: s for s in await self.publish_sessions(sorted(self._cutovers | {key}))}
+                from proxy.blockers import describe_client
+
+                described = []
+                for session_id, reason in zip(blocking, reasons, strict=False):
+                    session = sessions.get(session_id)
+                    why = reason.split(": ", 1)[-1]
+                    described.append(f"{describe_client(session)}: {why}" if session else reason)
+                return "; ".join(described)
+        except Exception as error:
+            log.warning("fleet: could not describe the drain's blockers: %s", error)
+        return "; ".join(reasons)
 
     async def _ack(self, key: str, epoch: int, result: str, detail: str) -> None:
         try:

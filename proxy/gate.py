@@ -33,6 +33,7 @@ from typing import Protocol
 import trio
 
 from proxy.classify import Classifier
+from proxy.events import NULL_EVENTS, EventSink
 
 log = logging.getLogger("tidegate.gate")
 
@@ -86,6 +87,8 @@ class Hold:
     expiry: trio.CancelScope | None = None
     result: str | None = None
     blockers: list[str] = field(default_factory=list)
+    #: connection ids of the sessions the drain waits for (see ``blockers``)
+    blocking_sessions: list[int] = field(default_factory=list)
 
 
 Dependents = Callable[[str, str], Awaitable[set[str]]]
@@ -114,6 +117,8 @@ class Gate:
         self._nursery: trio.Nursery | None = None
         self._release_spacing = release_spacing
         self.history: deque[dict[str, object]] = deque(maxlen=100)
+        #: where drain/hold events go (``proxy.events``); set by the app
+        self.events: EventSink = NULL_EVENTS
 
     def set_dependents(self, dependents: Dependents) -> None:
         """How to find views and triggers that reach a table (they count as it)."""
@@ -191,6 +196,10 @@ class Gate:
 
     def _blockers(self, hold: Hold) -> list[str]:
         """Sessions the drain waits for, as human-readable reasons."""
+        return [f"session {session_id}: {reason}" for session_id, reason in self._blocking(hold)]
+
+    def _blocking(self, hold: Hold) -> list[tuple[int, str]]:
+        """(connection id, reason) of each session the drain waits for."""
         reasons = []
         for session in self._sessions():
             if session.held:
@@ -200,10 +209,10 @@ class Gate:
                 tables = self.classifier.classify(inflight).resolved(session.schema)
                 if tables is None or not tables.isdisjoint(hold.aliases):
                     text = inflight[:120].decode("utf-8", "replace")
-                    reasons.append(f"session {session.connection_id}: running {text!r}")
+                    reasons.append((session.connection_id, f"running {text!r}"))
                     continue
             if self._touched_by_transaction(session, hold):
-                reasons.append(f"session {session.connection_id}: open transaction touched {hold.table}")
+                reasons.append((session.connection_id, f"open transaction touched {hold.table}"))
         return reasons
 
     async def hold(self, schema: str, table: str, *, drain_timeout: float, hold_timeout: float) -> bool:
@@ -223,14 +232,17 @@ class Gate:
         for alias in hold.aliases:
             self.holds[alias] = hold
         log.info("draining %s (aliases: %s)", key, ", ".join(sorted(hold.aliases - {key})) or "none")
+        self.events.emit("drain.start", table=key, aliases=sorted(hold.aliases - {key}) or None,
+                         drain_timeout=drain_timeout, hold_timeout=hold_timeout)
         drained = False
         try:
             with trio.move_on_after(drain_timeout):
                 while True:
                     self._changed = trio.Event()
-                    blockers = self._blockers(hold)
-                    hold.blockers = blockers
-                    if not blockers:
+                    blocking = self._blocking(hold)
+                    hold.blockers = [f"session {session_id}: {reason}" for session_id, reason in blocking]
+                    hold.blocking_sessions = [session_id for session_id, _ in blocking]
+                    if not blocking:
                         drained = True
                         break
                     # Re-check on every statement end / transaction end, and at
@@ -244,11 +256,16 @@ class Gate:
             raise
         if not drained:
             log.info("drain of %s did not finish in %.2fs: %s", key, drain_timeout, "; ".join(hold.blockers[:5]))
+            self.events.emit("drain.end", table=key, result="timed_out", seconds=round(drain_timeout, 6),
+                             blockers=hold.blockers[:10])
             self._finish(hold, "abandoned")
             return False
         hold.phase = HoldPhase.HOLDING
         hold.held_at = trio.current_time()
         log.info("holding %s (drained in %.1f ms)", key, (hold.held_at - hold.started) * 1000)
+        drained_in = round(hold.held_at - hold.started, 6)
+        self.events.emit("drain.end", table=key, result="drained", seconds=drained_in)
+        self.events.emit("hold.start", table=key, drain_seconds=drained_in, hold_timeout=hold.hold_timeout)
         if self._nursery is not None:
             self._nursery.start_soon(self._expire, hold)
         return True
@@ -290,15 +307,24 @@ class Gate:
         seconds = now - (hold.held_at if hold.held_at is not None else hold.started)
         if self._metrics:
             self._metrics.gate_hold_finished(result, seconds)
-        self.history.append(
-            {
-                "table": hold.table,
-                "result": result,
-                "drain_seconds": (hold.held_at or now) - hold.started,
-                "hold_seconds": seconds if hold.held_at is not None else 0.0,
-                "held_statements": len(waiters),
-                "blockers": list(hold.blockers[:10]),
-            }
+        drain_seconds = (hold.held_at or now) - hold.started
+        hold_seconds = seconds if hold.held_at is not None else 0.0
+        entry: dict[str, object] = {
+            "table": hold.table,
+            "result": result,
+            "drain_seconds": drain_seconds,
+            "hold_seconds": hold_seconds,
+            "held_statements": len(waiters),
+            "blockers": list(hold.blockers[:10]),
+            "blocking_sessions": list(hold.blocking_sessions[:10]),
+        }
+        self.history.append(entry)
+        self.events.emit(
+            {"released": "hold.release", "expired": "hold.expire"}.get(result, "hold.abandon"),
+            table=hold.table, result=result, drain_seconds=round(drain_seconds, 6),
+            hold_seconds=round(hold_seconds, 6), held_statements=len(waiters),
+            blockers=list(hold.blockers[:10]) if result == "abandoned" else None,
+            blocking_sessions=entry["blocking_sessions"] if result == "abandoned" else None,
         )
         log.info("%s %s: %d held statements released", result, hold.table, len(waiters))
 

@@ -10,6 +10,12 @@ net for traffic that bypasses the sidecars).  The lock lives on the leader's
 connection: if the leader dies, the lock frees, and another sidecar takes the
 migration over with ``--resume`` semantics.  Progress is written back to the
 row every second so every sidecar's admin port shows it.
+
+The leader also watches the migration from the proxy side
+(``proxy.lifecycle``): events, lifecycle hooks (``proxy.hooks``) and blocker
+reports (``proxy.blockers``).  A child leader records its events in memory
+and ships them in the progress row; the sidecar writes them to its event log
+with their original timestamps.
 """
 
 from __future__ import annotations
@@ -34,9 +40,16 @@ from migrator.cli import migrate_parser, spec_from_args
 from migrator.db import ConnectionSettings
 from migrator.runner import Migration, Progress
 from migrator.spec import MigrationSpec, SpecError
+from proxy import blockers
 from proxy.backends import BackendError, BackendUnavailable, Credentials, Endpoint
+from proxy.blockers import ClientSession
 from proxy.control import ControlError
+from proxy.events import EventLog, timestamp
 from proxy.fleet import Fleet, FleetGate, ServiceDatabase, identifier, literal
+from proxy.hooks import OPTIONS as HOOK_OPTIONS
+from proxy.hooks import HookError, HookSettings
+from proxy.lifecycle import OPTIONS as LIFECYCLE_OPTIONS
+from proxy.lifecycle import Lifecycle, kill_after_option, published_sessions
 
 log = logging.getLogger("tidegate.migrations")
 
@@ -53,6 +66,12 @@ ACTIVE = ("pending", "running")
 RUNTIME_OPTIONS = ("chunk_size",)
 STATES = ("pending", "validating", "copying", "verifying", "ready", "postponed", "cutting_over",
           "complete", "failed", "cancelled")
+#: options the sidecar handles itself (hooks, killing blockers); the rest go to the migrator
+PROXY_OPTIONS = (*HOOK_OPTIONS, *LIFECYCLE_OPTIONS)
+#: a child leader's events that ride along in its progress row (the sidecar relays them)
+EVENTS_IN_ROW = 50
+#: environment variable a child leader gets the sidecar's hook settings in
+LEAD_OPTIONS_ENV = "TIDEGATE_LEAD_OPTIONS"
 
 
 def parse_options(text: str) -> dict[str, str]:
@@ -66,10 +85,24 @@ def parse_options(text: str) -> dict[str, str]:
     return options
 
 
+def proxy_options(options: dict[str, str]) -> dict[str, str]:
+    """The options the sidecar handles itself (see ``PROXY_OPTIONS``)."""
+    return {name: value for name, value in options.items() if name in PROXY_OPTIONS}
+
+
+def check_proxy_options(options: dict[str, str], hooks: HookSettings | None = None) -> HookSettings:
+    """The migration's hook settings; ``ControlError`` naming a bad option."""
+    try:
+        kill_after_option(options)
+        return (hooks or HookSettings()).with_options(options)
+    except HookError as error:
+        raise ControlError(f"invalid migration options: {error}") from None
+
+
 def build_spec(settings: ConnectionSettings, schema: str, table: str, alter: str,
                options: dict[str, str], *, resume: bool) -> tuple[MigrationSpec, bool]:
     """The same flags as ``tidegate migrate``; returns (spec, postpone)."""
-    options = dict(options)
+    options = {name: value for name, value in options.items() if name not in PROXY_OPTIONS}
     postpone = options.pop("postpone", "0").lower() in ("1", "true", "on", "yes")
     argv = [
         "--host", settings.host, "--port", str(settings.port), "--user", settings.user,
@@ -102,6 +135,8 @@ class ChildRunning:
     process: trio.Process
     lock_db: ServiceDatabase
     progress: dict[str, Any] = field(default_factory=dict)
+    #: (ts, seq) of the last event relayed from the child's progress row
+    events_mark: tuple[str, int] = field(default_factory=lambda: (timestamp(), 0))
 
 
 @dataclass
@@ -114,6 +149,7 @@ class Running:
     last_line: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
     drain_timeouts: Any = None
+    lifecycle: Lifecycle | None = None
 
 
 class MigrationService:
@@ -128,6 +164,9 @@ class MigrationService:
         on_progress: Callable[[int, Progress], None] | None = None,
         on_cutover: Callable[[str], None] | None = None,
         isolate: bool = True,
+        events: EventLog | None = None,
+        hooks: HookSettings | None = None,
+        local_sessions: Callable[[list[str]], list[ClientSession]] | None = None,
     ) -> None:
         #: run each led migration in a child process, so its copy, checksum and
         #: binlog decoding never compete with the relay for this process's GIL
@@ -149,6 +188,15 @@ class MigrationService:
         self._on_cutover = on_cutover
         self._schema_ready = False
         self._orphaned = False
+        #: migration events (a child leader keeps them in memory for its progress row)
+        self.events = events or EventLog(source=fleet.id)
+        #: hooks configured for every migration (``[hooks]``); options add to them
+        self.hooks = hooks or HookSettings()
+        #: this sidecar's sessions for blocker reports (None in a child leader)
+        self.local_sessions = local_sessions
+        #: the active migrations seen at the last poll: id -> summary (for /status)
+        self.active: dict[int, dict[str, Any]] = {}
+        self._in_child = False
 
     @property
     def settings(self) -> ConnectionSettings:
@@ -191,6 +239,7 @@ class MigrationService:
             f"SELECT id, schema_name, table_name, alter_statement, options, state, control, progress "
             f"FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') ORDER BY id"
         )).text_rows()
+        self.active = {int(row[0] or 0): summary(row) for row in rows}
         for full_row in rows:
             row, progress_text = full_row[:7], full_row[7]
             request_id = int(row[0] or 0)
@@ -227,6 +276,8 @@ class MigrationService:
         try:
             options = json.loads(options_text or "{}")
             spec, postpone = build_spec(self.settings, schema, table, alter, options, resume=resume)
+            hooks = check_proxy_options(proxy_options(options), self.hooks)
+            kill_after = kill_after_option(options)
         except (ControlError, ValueError) as error:
             await self._finish_request(request_id, "failed", str(error))
             if lock_db is not None:
@@ -234,13 +285,22 @@ class MigrationService:
             task_status.started()
             return
         gate = FleetGate(self.db, schema=self.schema_name, leader=self.fleet.id)
-        gate_adapter = _AnnouncingGate(gate, self._on_cutover)
+        lifecycle = Lifecycle(
+            request_id=request_id, schema=schema, table=table, alter=alter, leader=self.fleet.id, db=self.db,
+            state_schema=self.schema_name, service_user=self.service[0], events=self.events, hooks=hooks,
+            kill_blockers_after=kill_after, resumed=resume, local_sessions=self.local_sessions,
+        )
+        gate_adapter = _AnnouncingGate(gate, self._on_cutover, lifecycle=lifecycle)
         lines: list[str] = []
 
         def output(line: str) -> None:
             lines.append(line)
             del lines[:-20]
             log.info("migration %d: %s", request_id, line)
+            try:
+                lifecycle.on_line(line)
+            except Exception as error:  # an observer never breaks a migration
+                log.warning("migration %d: status line not understood: %s", request_id, error)
 
         migration = Migration(spec, gate=gate_adapter, output=output)
         if postpone:
@@ -248,6 +308,7 @@ class MigrationService:
         scope = trio.CancelScope()
         running = Running(request_id, migration, gate, scope, lock_db)
         running.drain_timeouts = gate_adapter
+        running.lifecycle = lifecycle
         self.running[request_id] = running
         await self.db.query(
             f"UPDATE {self.schema}.migration_requests SET state = 'running', leader = {literal(self.fleet.id)}, "
@@ -256,33 +317,38 @@ class MigrationService:
         log.info("migration %d: leading %s.%s (%s)%s", request_id, schema, table, alter, " resuming" if resume else "")
         task_status.started()
         state, failure_text = "failed", None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._report, running, lines)
-                with scope:
-                    result = await migration.run()
-                    state = "complete" if str(result.phase.value) == "complete" else str(result.phase.value)
-                nursery.cancel_scope.cancel()
-            if scope.cancelled_caught:
-                state = "running" if self._orphaned else "cancelled"
-        except Exception as failure:
-            failure_text = f"{type(failure).__name__}: {failure}"
-            log.error("migration %d failed: %s", request_id, failure_text)
-        finally:
-            with trio.CancelScope(shield=True):
-                self.running.pop(request_id, None)
-                try:
-                    await gate.finish(schema, table)
-                except Exception as cleanup:
-                    log.warning("migration %d: cut-over rows not cleaned: %s", request_id, cleanup)
-                progress = self._progress_row(running, lines)
-                if state != "running":  # an orphaned leader leaves it resumable
-                    await self._finish_request(
-                        request_id, state, failure_text or (lines[-1] if state != "complete" and lines else None),
-                        progress,
-                    )
-                if lock_db is not None:
-                    await lock_db.aclose()
+        async with trio.open_nursery() as observers:
+            await observers.start(lifecycle.run, migration.progress)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._report, running, lines)
+                    with scope:
+                        result = await migration.run()
+                        state = "complete" if str(result.phase.value) == "complete" else str(result.phase.value)
+                    nursery.cancel_scope.cancel()
+                if scope.cancelled_caught:
+                    state = "running" if self._orphaned else "cancelled"
+            except Exception as failure:
+                failure_text = f"{type(failure).__name__}: {failure}"
+                log.error("migration %d failed: %s", request_id, failure_text)
+            finally:
+                with trio.CancelScope(shield=True):
+                    self.running.pop(request_id, None)
+                    try:
+                        await gate.finish(schema, table)
+                    except Exception as cleanup:
+                        log.warning("migration %d: cut-over rows not cleaned: %s", request_id, cleanup)
+                    progress = self._progress_row(running, lines)
+                    if state != "running":  # an orphaned leader leaves it resumable
+                        error_text = failure_text or (lines[-1] if state != "complete" and lines else None)
+                        await self._finish_request(request_id, state, error_text, progress)
+                        # success/failure hooks, then their events into the row for the sidecar
+                        with trio.move_on_after(hooks.timeout + 1):
+                            await lifecycle.finish(state, error_text)
+                        await self._save_progress(request_id, self._progress_row(running, lines))
+                    if lock_db is not None:
+                        await lock_db.aclose()
+                observers.cancel_scope.cancel()
 
     async def _lead_child(self, request_id: int, lock_db: ServiceDatabase, resume: bool,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -300,7 +366,9 @@ class MigrationService:
             f"updated_at = NOW(6), error = NULL WHERE id = {request_id}"
         )
         # The child exits when its stdin closes: a dead sidecar takes its child along.
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE)
+        env = dict(os.environ)
+        env[LEAD_OPTIONS_ENV] = json.dumps({"hooks": self.hooks.to_json()})
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, env=env)
         self.running[request_id] = ChildRunning(request_id, process, lock_db)
         log.info("migration %d: leading it in child process %d%s", request_id, process.pid,
                  " (resuming)" if resume else "")
@@ -340,8 +408,13 @@ class MigrationService:
                 self._wake.set()
 
     def _child_progress(self, child: ChildRunning, progress: dict[str, Any]) -> None:
-        """Metrics for a migration led by our child process, from its progress row."""
+        """Metrics and events for a migration led by our child process, from its progress row."""
         child.progress = progress
+        for record in progress.get("events") or []:
+            mark = (str(record.get("ts", "")), int(record.get("seq", 0) or 0))
+            if mark > child.events_mark:
+                self.events.relay(record)
+                child.events_mark = mark
         if self._on_progress is not None:
             snapshot = Progress()
             for name in ("phase", "rows_copied", "rows_estimate", "binlog_lag_seconds", "cut_over_attempts"):
@@ -364,6 +437,7 @@ class MigrationService:
         if not rows:
             log.error("no migration request %d", request_id)
             return 2
+        self._in_child = True
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             done = trio.Event()
@@ -424,6 +498,14 @@ class MigrationService:
             "drain_timeouts": getattr(running.drain_timeouts, "refusals", 0),
             "last_line": lines[-1] if lines else "",
         }
+        lifecycle = running.lifecycle
+        if lifecycle is not None:
+            if lifecycle.vetoed and progress.phase in ("ready", "postponed"):
+                row["phase"], row["postponed"] = "postponed", True
+            row["postponed_by"] = lifecycle.vetoed
+            row["last_refusal"] = lifecycle.last_failure or running.gate.last_refusal
+            if self._in_child:
+                row["events"] = lifecycle.events.tail(EVENTS_IN_ROW)
         running.progress = row
         if self._on_progress is not None:
             self._on_progress(running.request_id, progress)
@@ -432,14 +514,16 @@ class MigrationService:
     async def _report(self, running: Running, lines: list[str]) -> None:
         while True:
             await trio.sleep(0.5)
-            row = self._progress_row(running, lines)
-            try:
-                await self.db.query(
-                    f"UPDATE {self.schema}.migration_requests SET progress = {literal(json.dumps(row))}, "
-                    f"updated_at = NOW(6) WHERE id = {running.request_id}"
-                )
-            except Exception as error:
-                log.warning("migration %d: progress not saved: %s", running.request_id, error)
+            await self._save_progress(running.request_id, self._progress_row(running, lines))
+
+    async def _save_progress(self, request_id: int, row: dict[str, Any]) -> None:
+        try:
+            await self.db.query(
+                f"UPDATE {self.schema}.migration_requests SET progress = {literal(json.dumps(row, default=str))}, "
+                f"updated_at = NOW(6) WHERE id = {request_id}"
+            )
+        except Exception as error:
+            log.warning("migration %d: progress not saved: %s", request_id, error)
 
     async def dependents(self, schema: str, table: str) -> set[str]:
         """Views and tables whose triggers reach ``schema.table``: statements on
@@ -465,6 +549,7 @@ class MigrationService:
         if not schema or not table or not alter.strip():
             raise ControlError("schema_name, table_name and alter_statement are required")
         build_spec(self.settings, schema, table, alter, options, resume=False)  # validate now, answer now
+        check_proxy_options(proxy_options(options), self.hooks)
         active = (await self.db.query(
             f"SELECT id FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') "
             f"AND schema_name = {literal(schema)} AND table_name = {literal(table)}"
@@ -515,7 +600,48 @@ class MigrationService:
                 "last_cut_over_failure": progress.get("last_refusal"),
                 "error": row["error"],
                 "message": progress.get("last_line"),
+                "postponed_by": progress.get("postponed_by"),
             })
+        return out
+
+    def status(self) -> builtins.list[dict[str, Any]]:
+        """Active migrations as of the last poll (``/status``): a pipeline waits for ``ready_to_cut_over``."""
+        out = []
+        for request_id, entry in sorted(self.active.items()):
+            running = self.running.get(request_id)
+            if running is not None and running.progress:
+                entry = dict(entry, **_progress_summary(running.progress))
+            out.append(entry)
+        return out
+
+    async def blockers(self) -> builtins.list[dict[str, Any]]:
+        """Who holds or waits for the lock of each table being migrated, now (admin ``blockers``)."""
+        await self.ensure_schema()
+        rows = (await self.db.query(
+            f"SELECT id, schema_name, table_name FROM {self.schema}.migration_requests "
+            "WHERE state IN ('pending', 'running') ORDER BY id"
+        )).text_rows()
+        targets = {f"{s}.{t}".lower(): (int(i or 0), str(s), str(t)) for i, s, t in rows if s and t}
+        for (key,) in (await self.db.query(f"SELECT table_key FROM {self.schema}.cutovers")).text_rows():
+            if key and key not in targets and "." in key:
+                schema, _, table = key.partition(".")
+                targets[key] = (0, schema, table)
+        if not targets:
+            return []
+        sessions: builtins.list[ClientSession] = []
+        if self.local_sessions is not None:
+            sessions += self.local_sessions(sorted(targets))
+        sessions += await published_sessions(self.db, self.schema_name, exclude=self.fleet.id)
+        out = []
+        for request_id, schema, table in targets.values():
+            report = await blockers.collect(self.db, schema, table, service_user=self.service[0],
+                                            sessions=sessions)
+            note = "; ".join(report.notes)
+            for row in report.rows:
+                out.append(dict(row, migration=request_id or None, notes=note))
+            if not report.rows:
+                out.append({"table": report.key, "migration": request_id or None, "role": "none",
+                            "notes": note})
         return out
 
     async def sidecars(self) -> builtins.list[dict[str, Any]]:
@@ -604,33 +730,75 @@ class MigrationService:
             self._apply(running, str(name), value)
 
 
+def summary(row: tuple[str | None, ...]) -> dict[str, Any]:
+    """One active request row (id, schema, table, alter, options, state, control, progress) for /status."""
+    entry: dict[str, Any] = {"id": int(row[0] or 0), "table": f"{row[1]}.{row[2]}", "state": row[5]}
+    try:
+        progress = json.loads(row[7] or "{}")
+    except ValueError:
+        progress = {}
+    entry.update(_progress_summary(progress))
+    return entry
+
+
+def _progress_summary(progress: dict[str, Any]) -> dict[str, Any]:
+    phase = progress.get("phase")
+    out: dict[str, Any] = {
+        "postponed": bool(progress.get("postponed")),
+        "postponed_by": progress.get("postponed_by"),
+        "cut_over_attempts": progress.get("cut_over_attempts"),
+        "last_cut_over_failure": progress.get("last_refusal"),
+        # copied and verified: a deployment pipeline may roll its code now
+        "ready_to_cut_over": phase in ("ready", "postponed", "cutting_over"),
+    }
+    if phase:
+        out["state"] = phase
+    return out
+
+
 class _AnnouncingGate:
     """FleetGate plus bookkeeping the runner does not know about."""
 
-    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 0.6) -> None:
+    def __init__(self, gate: FleetGate, on_cutover: Callable[[str], None] | None, announce_wait: float = 0.6,
+                 *, lifecycle: Lifecycle | None = None) -> None:
         self.gate = gate
         self.announce_wait = announce_wait
         self.refusals = 0
         self._on_cutover = on_cutover
         self._announced = False
+        self.lifecycle = lifecycle
 
     async def hold(self, schema: str, table: str, *, drain_timeout: float, hold_timeout: float) -> bool:
+        lifecycle = self.lifecycle
+        if lifecycle is not None and not await lifecycle.before_cut_over():
+            return False  # it vetoed for a while: let the migrator re-check postponement and lag first
         if not self._announced:
             # Sidecars poll slowly until a cut-over is announced; give every one
             # a full slow-poll period to switch to fast polling first.
             await self.gate.announce(schema, table)
             self._announced = True
             await trio.sleep(self.announce_wait)
+        if lifecycle is not None:
+            lifecycle.hold_requested(drain_timeout)
         held = await self.gate.hold(schema, table, drain_timeout=drain_timeout, hold_timeout=hold_timeout)
         if not held:
             self.refusals += 1
             log.info("cut-over of %s.%s not now: %s", schema, table, self.gate.last_refusal)
             if self._on_cutover is not None:
                 self._on_cutover("drain_timeout")
+            if lifecycle is not None:
+                try:
+                    await lifecycle.hold_refused(self.gate.last_refusal)
+                except Exception as error:  # a report never breaks a cut-over
+                    log.warning("cut-over of %s.%s: blocker report failed: %s", schema, table, error)
+        elif lifecycle is not None:
+            lifecycle.hold_acquired()
         return held
 
     async def release(self, schema: str, table: str) -> None:
         await self.gate.release(schema, table)
+        if self.lifecycle is not None:
+            self.lifecycle.released()
 
 
 
@@ -657,8 +825,15 @@ def lead_main(argv: builtins.list[str]) -> int:
         async def ensure_schema(self) -> None:
             await trio.lowlevel.checkpoint()
 
+    try:
+        hooks = HookSettings.from_json(json.loads(os.environ.get(LEAD_OPTIONS_ENV) or "{}").get("hooks"))
+    except (ValueError, TypeError) as error:
+        log.error("ignoring %s: %s", LEAD_OPTIONS_ENV, error)
+        hooks = HookSettings()
+
     async def main() -> int:
-        service_ = MigrationService(endpoint, service, _Leader(), schema=args.state_schema)  # type: ignore[arg-type]
+        service_ = MigrationService(endpoint, service, _Leader(), schema=args.state_schema,  # type: ignore[arg-type]
+                                    events=EventLog(source=args.leader_id), hooks=hooks)
         return await service_.run_request(args.request_id, args.resume)
 
     code = trio.run(main)
