@@ -29,6 +29,7 @@ from proxy.metrics import Metrics
 from proxy.protocol.constants import RELAYABLE, Status
 from proxy.protocol.packets import Handshake
 from proxy.relay import Proxy, Settings
+from proxy.router import Router, SqlProber
 from proxy.users import Account, UserDirectory, accounts_from_mysql_user
 
 log = logging.getLogger("tidegate")
@@ -115,6 +116,8 @@ class App:
         self.shutdown_requested = trio.Event()
         #: the admin SQL port's bound address once it listens
         self.admin_listening: tuple[str, int] | None = None
+        #: rules, replica health, backpressure (proxy.router); set in run()
+        self.router: Router | None = None
 
     async def _load_users(self) -> list[Account]:
         service = self.config.service_account
@@ -189,12 +192,14 @@ class App:
             self.metrics.declare_backends([backend.name for backend in config.backends])
         proxy = Proxy(settings_from(config), self.primary, self.users, greeting, self.metrics)
         self.proxy = proxy
+        router = self._router(proxy)
         fleet = None
         service_account = config.service_account
         if service_account is not None and config.migrations_enabled:
             fleet, self.migrations = self._embedded_migrator(proxy, service_account)
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.gate.run)
+            await nursery.start(router.run)
             await nursery.start(proxy.serve, config.listen[0], config.listen[1])
             if self.metrics is not None:
                 from proxy.http import serve_http
@@ -222,6 +227,51 @@ class App:
             if fleet is not None:
                 await fleet.deregister()
             await self._drain(nursery)
+
+    def _router(self, proxy: Proxy) -> Router:
+        """The router; ``proxy.routing`` points at it only while it has work to do."""
+        config = self.config
+        endpoints = [self.primary, *(endpoint_from(backend) for backend in config.replicas)]
+        service = config.service_account
+        credentials: dict[str, Credentials] = {}
+        for backend in config.backends:
+            if backend.user is not None and backend.role == "replica":
+                credentials[backend.name] = Credentials.from_password(backend.user, backend.password or "")
+            elif service is not None:
+                credentials[backend.name] = Credentials.from_password(*service)
+        prober = (
+            SqlProber(self.primary, credentials, config.limits.connect_timeout) if config.replicas else None
+        )
+        router = Router(
+            config.routing,
+            config.backpressure,
+            endpoints,
+            config.rules,
+            prober=prober,
+            classifier=proxy.gate.classifier,
+            metrics=self.metrics,
+            migration_lags=self._migration_lags if config.backpressure.max_migration_lag is not None else None,
+            connect_timeout=config.limits.connect_timeout,
+        )
+        router.attach(proxy)
+        if self.metrics is not None:
+            self.metrics.watch_routing(router)
+        self.router = router
+        return router
+
+    def _migration_lags(self) -> list[tuple[str, float]]:
+        """Binlog lag of the migrations this sidecar leads, by schema.table."""
+        service = self.migrations
+        if service is None:
+            return []
+        lags = []
+        for running in list(service.running.values()):
+            progress = getattr(running, "progress", None) or {}
+            lag = progress.get("binlog_lag_seconds")
+            spec = getattr(getattr(running, "migration", None), "spec", None)
+            if lag is not None and spec is not None:
+                lags.append((f"{spec.database}.{spec.table}", float(lag)))
+        return lags
 
     def _embedded_migrator(self, proxy: Proxy, service_account: tuple[str, str]) -> tuple[Any, Any]:
         """Fleet membership and the migration service (the only place proxy meets migrator)."""

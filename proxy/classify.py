@@ -88,7 +88,8 @@ _OPAQUE = frozenset({"CALL", "EXECUTE", "HANDLER", "DO"})
 #: session-dependent functions: statements using them stay on the primary
 _PRIMARY_FUNCTIONS = re.compile(
     rb"last_insert_id|get_lock|release_lock|is_used_lock|is_free_lock|found_rows|row_count"
-    rb"|nextval|lastval|setval|connection_id|@@session|sql_calc_found_rows",
+    rb"|nextval|lastval|setval|connection_id|@@session|sql_calc_found_rows"
+    rb"|@@identity|@@insert_id|@@last_gtid|warning_count|error_count",
     re.IGNORECASE,
 )
 _TAG = re.compile(r"([A-Za-z_][\w.-]*)\s*(?:[=:]\s*('(?:[^'\\]|\\.)*'|\"[^\"]*\"|[^\s,*/]+))?")
@@ -216,8 +217,11 @@ def _statement_facts(tokens: list[tuple[str, str]], comments: list[str], multi: 
         if word in ("VIEW", "TRIGGER", "PROCEDURE", "FUNCTION", "EVENT") and kind is Kind.DDL:
             opaque = True
         index += 1
-    primary_only = locking or kind not in (Kind.READ,) or (keyword in ("SELECT", "WITH") and any(
-        t == "var" for t, _ in tokens
+    # User variables (@v) live in the primary's session; reading a system
+    # variable (@@v) is answered alike by a replica (session ones only differ
+    # after a SET, which pins the session to the primary anyway).
+    primary_only = locking or kind not in (Kind.READ,) or (keyword in ("SELECT", "WITH") and (
+        any(t == "var" and not v.startswith("@@") for t, v in tokens) or "INTO" in upper_words
     ))
     return Facts(
         kind=kind,

@@ -34,13 +34,17 @@ from pathlib import Path
 from typing import Literal, NoReturn, cast
 from urllib.parse import unquote, urlsplit
 
+from proxy.routing import RuleError, RuleSpec, compile_rules, make_spec
+
 __all__ = [
     "AdminConfig",
     "BackendConfig",
+    "BackpressureConfig",
     "ClientTLSConfig",
     "Config",
     "ConfigError",
     "Limits",
+    "RoutingConfig",
     "TLSConfig",
     "UserConfig",
     "build_arg_parser",
@@ -131,6 +135,43 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """Read/write split and replica health (``[routing]``)."""
+
+    #: reads outside transactions go to a healthy replica
+    read_write_split: bool = False
+    #: a replica further behind than this gets no reads until it catches up
+    max_replica_lag: float = 1.0
+    lag_probe_interval: float = 0.5
+    #: after a write, the session's reads stay on the primary this long (0: off)
+    read_your_writes: float = 0.0
+    #: statements waiting to be mirrored; more are dropped (and counted)
+    mirror_queue: int = 1000
+
+
+@dataclass(frozen=True)
+class BackpressureConfig:
+    """Lag backpressure (``[backpressure]``): writes wait, then get error 1637."""
+
+    #: replica lag above which writes are held back (None: off)
+    max_replica_lag: float | None = None
+    #: a running migration's binlog lag above which writes are held back (None: off)
+    max_migration_lag: float | None = None
+    #: how long a write waits for the lag to recover before it is refused
+    max_wait: float = 1.0
+    #: the retry-after hint in the error message
+    retry_after: float = 0.5
+    #: only writes to these schema.table names (replica lag); empty: every write
+    tables: tuple[str, ...] = ()
+    #: "table": migration lag holds back writes to the migrating table only; "all": every write
+    migration_scope: Literal["table", "all"] = "table"
+    #: comment tag or connection attribute naming a statement's priority class
+    priority_tag: str = "priority"
+    #: class → factor on the lag limits (below 1: shed earlier; above 1: later)
+    priorities: tuple[tuple[str, float], ...] = (("batch", 0.5), ("interactive", 2.0))
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Address = ("127.0.0.1", 6033)
     http_listen: Address = ("127.0.0.1", 9104)
@@ -146,6 +187,10 @@ class Config:
     migrations_enabled: bool = True
     #: schema on the primary for migration state and sidecar coordination
     state_schema: str = "_tidegate"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
+    #: routing rules from the file (the admin port changes them at run time)
+    rules: tuple[RuleSpec, ...] = ()
 
     @property
     def primary(self) -> BackendConfig:
@@ -622,8 +667,13 @@ _TOP_KEYS = (
     "limits",
     "client_tls",
     "admin",
+    "routing",
+    "backpressure",
+    "rules",
 )
-_LIST_KEYS = ("backends", "users")
+_LIST_KEYS = ("backends", "users", "rules")
+_ROUTING_KEYS = tuple(item.name for item in dataclasses.fields(RoutingConfig))
+_BACKPRESSURE_KEYS = tuple(item.name for item in dataclasses.fields(BackpressureConfig))
 _BACKEND_KEYS = ("name", "dsn", "host", "port", "user", "password", "database", "role", "tls")
 _BACKEND_ADDRESS_KEYS = ("host", "port", "user", "password", "database")
 _TLS_KEYS = ("ca", "cert", "key", "verify", "server_name")
@@ -689,6 +739,9 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
     limits = _limits(ctx, raw.get("limits", {}))
     client_tls = _client_tls(ctx, raw["client_tls"]) if "client_tls" in raw else None
     admin = _admin(ctx, raw.get("admin", {}))
+    routing = _routing(ctx, raw.get("routing", {}))
+    backpressure = _backpressure(ctx, raw.get("backpressure", {}))
+    rules = _rules(ctx, raw.get("rules", []), backends)
 
     config = Config(
         listen=listen,
@@ -702,8 +755,12 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
         load_users_from_backend=load_users,
         migrations_enabled=migrations_enabled,
         state_schema=state_schema,
+        routing=routing,
+        backpressure=backpressure,
+        rules=rules,
     )
     _check_listeners(ctx, config)
+    _check_replica_accounts(ctx, config)
     if not users and (config.service_account is None or not load_users):
         why = (
             "load_users_from_backend is false"
@@ -917,6 +974,98 @@ def _admin(ctx: _Context, value: object) -> AdminConfig:
     return AdminConfig(listen=listen, user=user, password=password, allow_remote=allow_remote)
 
 
+def _routing(ctx: _Context, value: object) -> RoutingConfig:
+    table = _table(ctx, "routing", value, _ROUTING_KEYS)
+    defaults = RoutingConfig()
+    values: dict[str, object] = {}
+    for name, raw in table.items():
+        key = f"routing.{name}"
+        if name == "read_write_split":
+            values[name] = _boolean(ctx, key, raw)
+        elif name == "mirror_queue":
+            values[name] = _integer(ctx, key, raw, 1, 1_000_000)
+        else:
+            values[name] = _seconds(ctx, key, raw, zero=name == "read_your_writes")
+    routing = dataclasses.replace(defaults, **values)  # type: ignore[arg-type]
+    return routing
+
+
+def _backpressure(ctx: _Context, value: object) -> BackpressureConfig:
+    table = _table(ctx, "backpressure", value, _BACKPRESSURE_KEYS)
+    values: dict[str, object] = {}
+    for name, raw in table.items():
+        key = f"backpressure.{name}"
+        if name in ("max_replica_lag", "max_migration_lag", "max_wait", "retry_after"):
+            values[name] = _seconds(ctx, key, raw, zero=name == "max_wait")
+        elif name == "tables":
+            items = raw if isinstance(raw, list) else None
+            if items is None:
+                raise ctx.error(key, f'expected a list of "schema.table" names, got {_show(raw)}')
+            names = []
+            for index, item in enumerate(items):
+                text = _string(ctx, f"{key}[{index}]", item).strip().lower()
+                if text.count(".") != 1 or text.startswith(".") or text.endswith("."):
+                    raise ctx.error(f"{key}[{index}]", f'expected "schema.table", got {_show(item)}')
+                names.append(text)
+            values[name] = tuple(names)
+        elif name == "migration_scope":
+            if raw not in ("table", "all"):
+                raise ctx.error(key, f'expected "table" or "all", got {_show(raw)}')
+            values[name] = raw
+        elif name == "priority_tag":
+            values[name] = _string(ctx, key, raw).strip().lower()
+        else:  # priorities
+            if not isinstance(raw, dict):
+                raise ctx.error(key, f"expected a table of class = factor (e.g. {{ batch = 0.5 }}), got {_show(raw)}")
+            factors = []
+            for class_name, factor in raw.items():
+                if not isinstance(factor, int | float) or isinstance(factor, bool) or not 0 < factor <= 100:
+                    raise ctx.error(f"{key}.{class_name}", f"expected a factor > 0 (e.g. 0.5), got {_show(factor)}")
+                if class_name == "default":
+                    raise ctx.error(f"{key}.{class_name}", "'default' is the class of untagged statements (factor 1)")
+                factors.append((str(class_name), float(factor)))
+            values[name] = tuple(factors)
+    return dataclasses.replace(BackpressureConfig(), **values)  # type: ignore[arg-type]
+
+
+def _rules(ctx: _Context, value: object, backends: tuple[BackendConfig, ...]) -> tuple[RuleSpec, ...]:
+    specs: list[RuleSpec] = []
+    keys: dict[int, str] = {}
+    roles = {backend.name: backend.role for backend in backends}
+    for index, entry in enumerate(_list(ctx, "rules", value)):
+        key = f"rules[{index}]"
+        if not isinstance(entry, dict):
+            raise ctx.error(key, f"expected a table ([[rules]]), got {_show(entry)}")
+        try:
+            spec = make_spec(entry)
+            compile_rules([spec], roles)
+        except RuleError as error:
+            raise ctx.error(f"{key}.{error.field}", error.problem) from None
+        if spec.id in keys:
+            raise ctx.error(f"{key}.id", f"duplicate rule id {spec.id} (also {keys[spec.id]})")
+        keys[spec.id] = key
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _check_replica_accounts(ctx: _Context, config: Config) -> None:
+    """Replica lag is probed with the replica's own account, else the service account."""
+    if not config.routing.read_write_split and config.backpressure.max_replica_lag is None:
+        return
+    if not config.replicas:
+        key = "routing.read_write_split" if config.routing.read_write_split else "backpressure.max_replica_lag"
+        raise ctx.error(key, 'needs at least one backend with role "replica"')
+    if config.service_account is not None:
+        return
+    for index, backend in enumerate(config.backends):
+        if backend.role == "replica" and backend.user is None:
+            raise ctx.error(
+                f"backends[{index}]",
+                f"replica {backend.name} has no account to probe its lag with: give it a user "
+                "(mysql://USER:PASSWORD@HOST) or give the primary a service account",
+            )
+
+
 def _check_listeners(ctx: _Context, config: Config) -> None:
     """Two of our listeners on one port would fail at bind time with a vaguer message."""
     wildcard = ("0.0.0.0", "::", "")
@@ -966,6 +1115,8 @@ _ENV_SCALARS: dict[str, str] = {
     **{f"TIDEGATE_ADMIN_{name.upper()}": f"admin.{name}" for name in _ADMIN_KEYS},
     **{f"TIDEGATE_CLIENT_TLS_{name.upper()}": f"client_tls.{name}" for name in _CLIENT_TLS_KEYS},
     **{f"TIDEGATE_LIMITS_{name.upper()}": f"limits.{name}" for name in _LIMIT_KEYS},
+    "TIDEGATE_ROUTING_READ_WRITE_SPLIT": "routing.read_write_split",
+    "TIDEGATE_ROUTING_MAX_REPLICA_LAG": "routing.max_replica_lag",
 }
 _ENV_OTHER = ("TIDEGATE_CONFIG", "TIDEGATE_BACKEND")
 _ENV_KNOWN = (*_ENV_SCALARS, *_ENV_OTHER)
@@ -1012,6 +1163,7 @@ _FLAG_SCALARS: dict[str, tuple[str, str, str]] = {
     "--client-tls-cert": ("client_tls.cert", "PATH", "certificate offered to clients"),
     "--client-tls-key": ("client_tls.key", "PATH", "private key of --client-tls-cert"),
     "--client-tls-ca": ("client_tls.ca", "PATH", "CA to verify client certificates"),
+    "--max-replica-lag": ("routing.max_replica_lag", "SECONDS", "no reads to a replica further behind (default 1)"),
     **{
         "--" + name.replace("_", "-"): (f"limits.{name}", metavar, help_text)
         for name, (metavar, help_text) in {
@@ -1043,6 +1195,10 @@ _FLAG_BOOLEANS: dict[str, tuple[str, str]] = {
     "--migrations-enabled": (
         "migrations_enabled",
         "run requested migrations and join cut-over holds (default on; needs a service account)",
+    ),
+    "--read-write-split": (
+        "routing.read_write_split",
+        "send reads outside transactions to healthy replicas (default off)",
     ),
 }
 

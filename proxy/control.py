@@ -10,10 +10,11 @@ the operator.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from proxy.app import App
+    from proxy.router import Router
 
 Row = dict[str, Any]
 
@@ -60,20 +61,74 @@ class Control:
     def backends(self) -> list[Row]:
         app = self.app
         proxy = app.proxy
+        router = getattr(app, "router", None)
+        counts = getattr(proxy, "backend_counts", {}) if proxy is not None else {}
         rows = []
         for backend in app.config.backends:
+            primary = backend.role == "primary"
+            health = router.replicas.get(backend.name) if router is not None else None
+            if primary:
+                state = "up" if app.primary_reachable else "down"
+            else:
+                state = health.state if health is not None else "unknown"
             rows.append(
                 {
                     "name": backend.name,
                     "role": backend.role,
                     "address": f"{backend.host}:{backend.port}",
                     "tls": backend.tls is not None,
-                    "reachable": app.primary_reachable if backend.role == "primary" else None,
-                    "connections": proxy.backend_limiter.in_use if proxy and backend.role == "primary" else 0,
-                    "queue_waiting": proxy.backend_limiter.waiting if proxy and backend.role == "primary" else 0,
+                    "reachable": app.primary_reachable if primary else None,
+                    "connections": counts.get(backend.name, 0),
+                    "queue_waiting": proxy.backend_limiter.waiting if proxy and primary else 0,
+                    "health": state,
+                    "lag_seconds": None if health is None or health.lag is None else round(health.lag, 3),
+                    "sql_running": None if health is None else health.sql_running,
+                    "io_running": None if health is None else health.io_running,
+                    "routed": router.routed.get(backend.name, 0) if router is not None else 0,
+                    "error": None if health is None else health.error,
                 }
             )
         return rows
+
+    # -- routing rules (staged, then applied) ----------------------------------
+
+    def _router(self) -> Router:
+        router = getattr(self.app, "router", None)
+        if router is None:
+            raise ControlError("routing is not running yet")
+        return cast("Router", router)
+
+    def rules(self) -> list[Row]:
+        router = getattr(self.app, "router", None)
+        return [] if router is None else list(router.rule_rows())
+
+    def stage_rules(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Stage new rules (all or none); raises ``RuleError`` for a bad one."""
+        router = self._router()
+        before = dict(router.staged)
+        try:
+            return [router.stage_insert(row).id for row in rows]
+        except BaseException:
+            router.staged = before
+            raise
+
+    def change_rule(self, rule_id: int, changes: dict[str, Any]) -> int:
+        return self._router().stage_update(rule_id, changes).id
+
+    def delete_rule(self, rule_id: int) -> None:
+        self._router().stage_delete(rule_id)
+
+    def apply_rules(self) -> tuple[int, int]:
+        """Staged → live in one step; (rules, active rules).  Raises ``RuleError``, live unchanged."""
+        rules = self._router().apply()
+        return len(rules.specs), len(rules)
+
+    def discard_rules(self) -> None:
+        self._router().discard()
+
+    def rules_pending(self) -> bool:
+        router = getattr(self.app, "router", None)
+        return bool(router is not None and router.pending)
 
     def holds(self) -> list[Row]:
         proxy = self.app.proxy
@@ -109,18 +164,43 @@ class Control:
             add("holds_abandoned", sum(1 for h in history if h["result"] == "abandoned"))
             add("holds_expired", sum(1 for h in history if h["result"] == "expired"))
             add("classifier_cache_hits", proxy.gate.classifier.hits)
+            add("routing_active", int(proxy.routing is not None))
         if metrics is not None:
             add("queries_total", metrics.total_queries())
             add("queries_failed", metrics.total_queries(ok=False))
             add("client_connections_total", metrics.client_connections_total)
+        router = getattr(app, "router", None)
+        if router is not None:
+            add("rules_live", len(router.rules.specs))
+            add("rules_pending", int(router.pending))
+            for (reason, tag), count in sorted(router.rejected.items()):
+                add(f"rejections.{reason}.{tag}", count)
+            for name, count in router.mirror_counts.items():
+                add(f"mirrored_{name}", count)
         service = app.migrations
         if service is not None:
             add("migrations_running_here", len(service.running))
         return rows
 
     def settings(self) -> list[Row]:
-        limits = self.app.config.limits
-        return [{"name": f"limits.{name}", "value": getattr(limits, name)} for name in limits.__dataclass_fields__]
+        config = self.app.config
+        limits = config.limits
+        rows = [{"name": f"limits.{name}", "value": getattr(limits, name)} for name in limits.__dataclass_fields__]
+        # Numbers only: operators compare values (WHERE value > 100); the
+        # textual settings are in the configuration file.
+        for section in ("routing", "backpressure"):
+            values = getattr(config, section, None)
+            if values is None:
+                continue
+            for name in values.__dataclass_fields__:
+                value = getattr(values, name)
+                if name == "priorities":
+                    rows.extend({"name": f"{section}.{name}.{k}", "value": v} for k, v in value)
+                elif isinstance(value, bool):
+                    rows.append({"name": f"{section}.{name}", "value": int(value)})
+                elif isinstance(value, int | float):
+                    rows.append({"name": f"{section}.{name}", "value": value})
+        return rows
 
     # -- migrations (delegated to the migration service) ---------------------
 

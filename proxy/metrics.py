@@ -27,7 +27,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import (
@@ -375,11 +375,71 @@ class Metrics:
     def rejection(self, reason: str, tag: str) -> None:
         self._rejections.labels(reason, tag).inc()
 
+    def replica_lag_seconds(self, backend: str, seconds: float) -> None:
+        """Last probed lag of a replica (NaN while it cannot be known)."""
+        self.replica_lag.labels(backend).set(seconds)
+
+    def watch_routing(self, router: RoutingCounters) -> None:
+        """Export the router's plain counters at scrape time (the relay bumps ints only)."""
+        self.registry.register(_RoutingCollector(router))
+
     # ---------------------------------------------------------------- exposition
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE
+
+
+class RoutingCounters(Protocol):
+    """What ``proxy.router.Router`` exposes to the exporter."""
+
+    routed: dict[str, int]
+
+    @property
+    def rule_hits(self) -> dict[int, int]: ...
+
+    @property
+    def mirror_counts(self) -> dict[str, int]: ...
+
+    @property
+    def replica_states(self) -> dict[str, str]: ...
+
+
+class _RoutingCollector:
+    def __init__(self, router: RoutingCounters) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        router = self._router
+        routed = CounterMetricFamily(
+            "tidegate_routed_statements",
+            "Statements routed by the router (rules, read/write split), by the backend they went to.",
+            labels=["backend"],
+        )
+        for backend, count in sorted(router.routed.items()):
+            routed.add_metric([backend], count)
+        yield routed
+        hits = CounterMetricFamily(
+            "tidegate_rule_hits", "Statements each live routing rule matched, by rule id.", labels=["rule"]
+        )
+        for rule, count in sorted(router.rule_hits.items()):
+            hits.add_metric([str(rule)], count)
+        yield hits
+        mirrored = CounterMetricFamily(
+            "tidegate_mirrored_statements",
+            "Statements copied to a mirror backend, by result (sent, dropped: queue full, error).",
+            labels=["result"],
+        )
+        for result, count in router.mirror_counts.items():
+            mirrored.add_metric([result], count)
+        yield mirrored
+        up = GaugeMetricFamily(
+            "tidegate_replica_up", "1 while a replica receives reads (probed, running, within max lag).",
+            labels=["backend", "state"],
+        )
+        for backend, state in sorted(router.replica_states.items()):
+            up.add_metric([backend, state], 1.0 if state == "up" else 0.0)
+        yield up
 
 
 class _LiveCollector:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import re
 import secrets
 import ssl
 import time
@@ -28,6 +30,7 @@ from proxy.backends import (
     Endpoint,
     connect,
 )
+from proxy.classify import Facts, Kind
 from proxy.gate import Gate, Waiter
 from proxy.netio import (
     Connection,
@@ -50,10 +53,13 @@ from proxy.protocol.framing import Packet, PacketReader, frame
 from proxy.protocol.packets import AuthSwitch, Err, Handshake, HandshakeResponse, Ok, auth_more_data
 from proxy.protocol.response import ResponseTracker
 from proxy.protocol.wire import ProtocolError, Reader
+from proxy.routing import NO_DECISION, Decision, RuleSet, is_set_names
 from proxy.users import Account, UserDirectory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from proxy.router import Router
 
 log = logging.getLogger("tidegate.relay")
 
@@ -140,6 +146,8 @@ class PreparedStatement:
     sql_bytes: bytes
     params: int
     columns: int
+    #: classified once, at prepare, while routing is active (None otherwise)
+    facts: Facts | None = None
 
     @property
     def sql(self) -> str:
@@ -251,6 +259,14 @@ class BackendLimiter:
             self.waiting -= 1
             self._metrics.queue_waiting(-1)
 
+    def try_acquire(self, owner: object) -> bool:
+        """A slot now or never (replica connections: the primary is the fallback)."""
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(owner)
+            return True
+        except trio.WouldBlock:
+            return False
+
     def release(self, owner: object) -> None:
         try:
             self._limiter.release_on_behalf_of(owner)
@@ -278,6 +294,34 @@ _IN_TRANS = int(Status.IN_TRANS)
 _MORE_RESULTS = int(Status.MORE_RESULTS_EXISTS)
 #: errors after which the server has rolled back the whole transaction
 _ROLLS_BACK_TRANSACTION = frozenset({1213})  # ER_LOCK_DEADLOCK
+
+
+_PRIMARY_STATUS = int(Status.IN_TRANS | Status.AUTOCOMMIT)
+_AUTOCOMMIT = int(Status.AUTOCOMMIT)
+#: statements a replica may answer (SHOW, EXPLAIN, ... stay on the primary)
+_REPLICA_KEYWORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE"})
+#: statements about the previous statement go where it went
+_ABOUT_LAST = re.compile(
+    rb"\s*(?:SHOW\s+(?:COUNT\s*\(\s*\*\s*\)\s+)?(?:WARNINGS|ERRORS)|SELECT\s+@@(?:SESSION\.)?(?:warning|error)_count\s*;?\s*$)",
+    re.I,
+)
+#: after a replica connection fails, the session tries again this much later
+REPLICA_RETRY = 5.0
+
+
+class _ReplicaLost(Exception):
+    """The replica connection died before any of its answer reached the client."""
+
+
+@dataclass(eq=False)
+class ReplicaLink:
+    """A session's connection to one replica, with the session state replayed on it."""
+
+    name: str
+    connection: BackendConnection
+    schema: str | None
+    #: the SET NAMES statement last replayed (None: the handshake's character set)
+    names: bytes | None = None
 
 
 def use_target(sql: bytes) -> str | None:
@@ -311,6 +355,19 @@ class Relay:
         self.authenticated = False
         self.scope = trio.CancelScope()
         self._waiter: Waiter | None = None
+        # Routing state (used only while proxy.routing is set).
+        self.replica: ReplicaLink | None = None
+        #: owns the replica connection's backend slot (the relay itself owns the primary's)
+        self.replica_slot = object()
+        #: why the session's reads stay on the primary (session state), or None
+        self.pinned: str | None = None
+        self._names: bytes | None = None
+        self._wrote_at = -math.inf
+        self._last_on_replica = False
+        self._replica_retry_at = -math.inf
+        self._mask_key: tuple[RuleSet, str | None, str, int] | None = None
+        #: session.queries as the router last saw it (a gap: statements it did not see)
+        self._tracked = 0
         self.idle_since = 0.0
         self.idle_expired = False
 
@@ -375,6 +432,8 @@ class Relay:
                 await self._close()
 
     async def _close(self) -> None:
+        if self.replica is not None:
+            await self._close_replica(polite=False)
         if self.backend is not None:
             backend, self.backend = self.backend, None
             await backend.aclose(polite=not backend.closed)
@@ -604,9 +663,13 @@ class Relay:
             started = time.perf_counter()
             if command == _COM_QUERY:
                 session.current_raw = payload
-                if gate.holds:
-                    await self._admit()
-                ok = await self._relay_command(packet, command)
+                routing = proxy.routing
+                if routing is not None:
+                    ok = await self._routed_query(routing, packet, payload)
+                else:
+                    if gate.holds:
+                        await self._admit()
+                    ok = await self._relay_command(packet, command)
                 if ok:
                     head = payload[1:4]
                     if head == b"USE" or head == b"use" or head.lower() == b"use" or payload[1:2].isspace():
@@ -633,14 +696,20 @@ class Relay:
                 ok = await self._change_user(payload)
             else:
                 session.current_raw = payload if command in _GATED else None
-                if gate.holds and session.current_raw is not None:
-                    await self._admit()
-                ok = await self._relay_command(packet, command)
+                routing = proxy.routing
+                if routing is not None:
+                    ok = await self._routed_command(routing, packet, command, payload)
+                else:
+                    if gate.holds and session.current_raw is not None:
+                        await self._admit()
+                    ok = await self._relay_command(packet, command)
                 if ok:
                     if command == Command.INIT_DB:
                         session.schema = payload[1:].decode("utf-8", "replace")
                     elif command == Command.RESET_CONNECTION:
                         session.prepared.clear()
+                        if self.replica is not None or self.pinned is not None or self._names is not None:
+                            await self._forget_routing_state()
             if session.status & _IN_TRANS:
                 statements = session.txn_statements
                 if len(statements) < MAX_TRACKED_STATEMENTS:
@@ -660,6 +729,230 @@ class Relay:
                 self.bytes_from_client - counted_in, self.bytes_to_client - counted_out
             )
             counted_in, counted_out = self.bytes_from_client, self.bytes_to_client
+
+    # -- routing (only while proxy.routing is set) ---------------------------
+
+    async def _routed_query(self, routing: Router, packet: Packet, payload: bytes) -> bool:
+        """COM_QUERY with routing on: rules, backpressure, the gate, then the chosen backend.
+
+        The gate admits the statement as it will be sent (after rewrites), and
+        whichever backend it then goes to: a hold applies everywhere.
+        """
+        session = self.session
+        sql = payload[1:]
+        facts = routing.classifier.classify(sql)
+        if session.queries != self._tracked and self.pinned is None:
+            # Statements ran while routing was off: their effect on the session is unknown.
+            await self._pin("statements ran while routing was off")
+        self._tracked = session.queries + 1
+        decision: Decision = NO_DECISION
+        rules = routing.rules
+        if rules.rules:
+            decision = rules.decide(sql, facts, session.schema, self._rule_mask(rules), session.attributes)
+            if decision is not NO_DECISION:
+                rules.count(decision)
+                if decision.reject is not None:
+                    await self._send_client(error_packet(
+                        ErrorCode.NOT_ALLOWED_COMMAND,
+                        f"tidegate: {decision.reject} (rule {decision.rules[-1]})",
+                        1,
+                    ))
+                    return False
+                if decision.sql is not None:
+                    payload = b"\x03" + decision.sql
+                    raw, following = frame(payload, 0)
+                    packet = Packet(0, payload, raw, (following - 1) & 0xFF)
+                    session.current_raw = payload
+        if routing.pressure_possible and facts.kind is Kind.WRITE and not await self._backpressure(routing, facts):
+            return False
+        if self.proxy.gate.holds:
+            await self._admit()
+        link = await self._choose(routing, decision, facts, sql)
+        mirror = decision.mirror
+        # Reads only: a write copied to a replica would make it diverge.
+        if mirror is not None and facts.kind is Kind.READ and not facts.multi and self.credentials is not None:
+            routing.mirror_statement(mirror, self.credentials, session.schema, payload[1:])
+        if link is not None:
+            try:
+                ok = await self._relay_command(packet, _COM_QUERY, link.connection)
+            except _ReplicaLost:
+                log.warning("client %s: replica %s lost before answering; retrying on the primary",
+                            session.peer, link.name)
+                await self._close_replica(polite=False)
+            else:
+                routing.routed[link.name] += 1
+                self._last_on_replica = True
+                return ok
+        self._last_on_replica = False
+        ok = await self._relay_command(packet, _COM_QUERY)
+        routing.routed[routing.primary_name] += 1
+        kind = facts.kind
+        if kind is not Kind.READ or facts.primary_only:
+            if kind is Kind.WRITE or kind is Kind.DDL:
+                self._wrote_at = trio.current_time()
+            if self.pinned is None:
+                reason = routing.session_effect(sql, facts)
+                if reason is not None:
+                    await self._pin(reason)
+                elif ok and facts.keyword == "SET" and is_set_names(sql.decode("utf-8", "replace")):
+                    self._names = sql
+        return ok
+
+    async def _routed_command(self, routing: Router, packet: Packet, command: int, payload: bytes) -> bool:
+        """Other commands with routing on: all on the primary; backpressure for prepared writes."""
+        session = self.session
+        self._tracked = session.queries + 1
+        if command == _COM_STMT_EXECUTE:
+            self._last_on_replica = False
+            statement = session.prepared.get(int.from_bytes(payload[1:5], "little")) if len(payload) >= 5 else None
+            if statement is not None:
+                facts = statement.facts
+                if facts is None:
+                    facts = statement.facts = routing.classifier.classify(statement.sql_bytes)
+                if facts.kind is not Kind.READ:
+                    self._wrote_at = trio.current_time()
+                if routing.pressure_possible and facts.kind is Kind.WRITE and not await self._backpressure(
+                    routing, facts
+                ):
+                    return False
+        elif command == _COM_STMT_PREPARE:
+            self._last_on_replica = False
+        if self.proxy.gate.holds and session.current_raw is not None:
+            await self._admit()
+        ok = await self._relay_command(packet, command)
+        routing.routed[routing.primary_name] += 1
+        if ok and command == _COM_STMT_PREPARE:
+            sql = payload[1:]
+            facts = routing.classifier.classify(sql)
+            for prepared in session.prepared.values():
+                if prepared.facts is None and prepared.sql_bytes == sql:
+                    prepared.facts = facts
+            if self.pinned is None and facts.kind is not Kind.READ:
+                reason = routing.session_effect(sql, facts)
+                if reason is not None:
+                    await self._pin(f"prepared {reason}")
+        return ok
+
+    async def _backpressure(self, routing: Router, facts: Facts) -> bool:
+        """Wait while lag is over its limit; False after sending the 1637 error."""
+        session = self.session
+        tables = facts.resolved(session.schema)
+        priority = routing.priority_of(facts, session.attributes)
+        if routing.pressure(tables, priority) is None:
+            return True
+        # Not in flight while it waits: a cut-over drain must not wait for it.
+        raw, session.current_raw = session.current_raw, None
+        try:
+            rejection = await routing.admit_write(tables, priority)
+        finally:
+            session.current_raw = raw
+        if rejection is None:
+            return True
+        await self._send_client(error_packet(ErrorCode.TOO_MANY_CONCURRENT_TRXS, rejection.message(), 1))
+        return False
+
+    async def _choose(self, routing: Router, decision: Decision, facts: Facts, sql: bytes) -> ReplicaLink | None:
+        """The replica link for this statement, or None for the primary."""
+        if self._last_on_replica and self.replica is not None and _ABOUT_LAST.match(sql):
+            return self.replica  # SHOW WARNINGS and the like: where the last statement ran
+        route = decision.route
+        if route is None:
+            if not routing.split:
+                return None
+        elif route == "primary" or route == routing.primary_name:
+            return None
+        session = self.session
+        if (
+            facts.kind is not Kind.READ
+            or facts.primary_only
+            or facts.keyword not in _REPLICA_KEYWORDS
+            or facts.tables is None
+            or session.status & _PRIMARY_STATUS != _AUTOCOMMIT
+            or self.pinned is not None
+            or trio.current_time() - self._wrote_at < routing.read_your_writes
+        ):
+            return None
+        link = self.replica
+        name = routing.replica_for(route, link.name if link is not None else None)
+        if name is None:
+            return None
+        if link is None or link.name != name or link.connection.closed:
+            link = await self._open_replica(routing, name)
+            if link is None:
+                return None
+        if (link.schema != session.schema or link.names != self._names) and not await self._sync_replica(link):
+            return None
+        return link
+
+    async def _open_replica(self, routing: Router, name: str) -> ReplicaLink | None:
+        if self.replica is not None:
+            await self._close_replica()
+        now = trio.current_time()
+        if now < self._replica_retry_at or self.credentials is None:
+            return None
+        connection = await self.proxy.open_replica(self, routing.endpoints[name], self.credentials)
+        if connection is None:
+            self._replica_retry_at = now + REPLICA_RETRY
+            return None
+        self.replica = ReplicaLink(name, connection, self.session.schema)
+        return self.replica
+
+    async def _sync_replica(self, link: ReplicaLink) -> bool:
+        """Replay the schema and SET NAMES on the replica; False: use the primary."""
+        session = self.session
+        connection = link.connection
+        try:
+            if link.schema != session.schema:
+                if session.schema is None:
+                    return False  # a connection cannot leave its schema
+                await connection.query("USE `" + session.schema.replace("`", "``") + "`")
+                link.schema = session.schema
+            if link.names != self._names:
+                if self._names is None:
+                    return False
+                await connection.query(self._names.decode("utf-8", "surrogateescape"))
+                link.names = self._names
+        except BackendError as error:
+            log.info("client %s: cannot prepare replica %s: %s", session.peer, link.name, error)
+            return False
+        except (BackendUnavailable, ConnectionClosed, ProtocolError, OSError) as error:
+            log.info("client %s: replica %s connection failed: %s", session.peer, link.name, error)
+            await self._close_replica(polite=False)
+            return False
+        return True
+
+    async def _close_replica(self, *, polite: bool = True) -> None:
+        link, self.replica = self.replica, None
+        self._last_on_replica = False
+        if link is not None:
+            with trio.CancelScope(shield=True):
+                await link.connection.aclose(polite=polite and not link.connection.closed)
+            self.proxy.replica_closed(self, link.connection)
+
+    async def _pin(self, reason: str) -> None:
+        self.pinned = reason
+        log.debug("client %s: reads stay on the primary (%s)", self.session.peer, reason)
+        if self.replica is not None:
+            await self._close_replica()
+
+    async def _forget_routing_state(self) -> None:
+        """After COM_CHANGE_USER / COM_RESET_CONNECTION: the session starts over."""
+        if self.replica is not None:
+            await self._close_replica()
+        self.pinned = None
+        self._names = None
+        self._wrote_at = -math.inf
+        self._tracked = self.session.queries + 1
+
+    def _rule_mask(self, rules: RuleSet) -> int:
+        """Rules whose user/schema/attribute matchers accept this session (cached)."""
+        session = self.session
+        key = self._mask_key
+        if key is not None and key[0] is rules and key[1] == session.schema and key[2] == session.user:
+            return key[3]
+        mask = rules.session_mask(session.user, session.schema, session.attributes)
+        self._mask_key = (rules, session.schema, session.user, mask)
+        return mask
 
     async def _admit(self) -> None:
         """Wait at the gate while a cut-over holds a table this statement touches."""
@@ -683,8 +976,8 @@ class Relay:
         except ConnectionClosed:
             await self._backend_lost(1, "while sending")
 
-    async def _backend_lost(self, sequence: int, when: str) -> None:
-        backend = self.backend
+    async def _backend_lost(self, sequence: int, when: str, backend: BackendConnection | None = None) -> None:
+        backend = backend or self.backend
         name = backend.endpoint.name if backend else "?"
         self.proxy.metrics.protocol_error("backend")
         log.warning("client %s: lost backend %s %s", self.session.peer, name, when)
@@ -695,14 +988,25 @@ class Relay:
         )
         raise ClientGone()
 
-    async def _relay_command(self, packet: Packet, command: int) -> bool:
-        """Forward one command and stream its response; returns success."""
-        backend = self.backend
+    async def _relay_command(
+        self, packet: Packet, command: int, replica: BackendConnection | None = None
+    ) -> bool:
+        """Forward one command and stream its response; returns success.
+
+        With ``replica`` the command goes there instead of the primary; the
+        session's state (status flags, prepared statements) is the primary's
+        and stays untouched.  A replica that dies before any of its answer
+        reached the client raises ``_ReplicaLost`` (the caller retries on the
+        primary).
+        """
+        backend = self.backend if replica is None else replica
         assert backend is not None
         session = self.session
         try:
             await backend.send_all(packet.raw)
         except ConnectionClosed:
+            if replica is not None:
+                raise _ReplicaLost() from None
             await self._backend_lost(1, "while sending the command")
         if self._waiter is not None:
             self._waiter.sent.set()  # the next held statement may go now
@@ -710,21 +1014,25 @@ class Relay:
         tracker = ResponseTracker(command, session.capabilities)
         receive = backend.receive_some
         send = self._send_client
+        forwarded = False
         while True:
             try:
                 data = await receive()
             except ConnectionClosed:
                 data = b""
             if not data:
-                await self._backend_lost(tracker.last_sequence + 1, "mid-response")
+                if replica is not None and not forwarded:
+                    raise _ReplicaLost()
+                await self._backend_lost(tracker.last_sequence + 1, "mid-response", backend)
             try:
                 end = tracker.feed(data)
             except ProtocolError as error:
                 self.proxy.metrics.protocol_error("backend")
                 log.error("backend %s sent malformed response: %s", backend.endpoint.name, error)
-                await self._backend_lost(tracker.last_sequence + 1, f"(malformed response: {error})")
+                await self._backend_lost(tracker.last_sequence + 1, f"(malformed response: {error})", backend)
             if end < 0:
                 await send(data)
+                forwarded = True
                 continue
             if end != len(data):
                 log.warning("backend sent %d unexpected bytes after a response", len(data) - end)
@@ -735,6 +1043,8 @@ class Relay:
                 tracker.resume_after_infile()
                 continue
             break
+        if replica is not None:
+            return tracker.error_code == 0
         if tracker.status_known:
             session.status = tracker.status & ~_MORE_RESULTS
         if tracker.error_code in _ROLLS_BACK_TRANSACTION:
@@ -784,8 +1094,11 @@ class Relay:
             # Like the server: a failed change of user leaves the connection
             # usable with a reset session (variables, transaction, statements).
             await self._reset_backend_session()
+            await self._forget_routing_state()
             return False
         credentials, sequence = result
+        if self.replica is not None or self.pinned is not None or self._names is not None:
+            await self._forget_routing_state()
         old = self.backend
         if old is not None:
             # Free its connection slot first: the new login takes its own.
@@ -875,6 +1188,11 @@ class Proxy:
             lambda: [relay.session for relay in self.relays.values()],
             metrics=self.metrics,
         )
+        #: the router while it has work to do (rules, read/write split,
+        #: backpressure), else None: the relay's hot path checks only this
+        self.routing: Router | None = None
+        #: open client-session connections per backend name
+        self.backend_counts: dict[str, int] = {}
 
     def rsa_key(self) -> RSAKey:
         if self._rsa is None:
@@ -915,11 +1233,57 @@ class Proxy:
             self.backend_limiter.release(relay)
             raise
         self.metrics.backend_connected(endpoint.name)
+        self._count(endpoint.name, 1)
         return backend
 
     def backend_closed(self, relay: Relay, backend: BackendConnection) -> None:
         self.backend_limiter.release(relay)
         self.metrics.backend_disconnected(backend.endpoint.name)
+        self._count(backend.endpoint.name, -1)
+
+    def _count(self, name: str, delta: int) -> None:
+        self.backend_counts[name] = self.backend_counts.get(name, 0) + delta
+
+    async def open_replica(
+        self, relay: Relay, endpoint: Endpoint, credentials: Credentials
+    ) -> BackendConnection | None:
+        """A replica connection for a session, logged in as its user; None: use the primary.
+
+        It takes a backend slot only if one is free right now (never queues:
+        the primary is there).
+        """
+        session = relay.session
+        slot = relay.replica_slot
+        if not self.backend_limiter.try_acquire(slot):
+            return None
+        attributes = dict(session.attributes)
+        attributes["_tidegate_client"] = session.peer
+        try:
+            backend = await connect(
+                endpoint,
+                credentials,
+                database=session.schema,
+                client_capabilities=session.capabilities,
+                character_set=session.character_set or 45,
+                attributes=attributes,
+                timeout=self.settings.connect_timeout,
+            )
+        except (BackendError, BackendUnavailable) as error:
+            self.backend_limiter.release(slot)
+            self.metrics.backend_connect_error(endpoint.name)
+            log.warning("client %s: replica %s: %s; reads go to the primary", session.peer, endpoint.name, error)
+            return None
+        except BaseException:
+            self.backend_limiter.release(slot)
+            raise
+        self.metrics.backend_connected(endpoint.name)
+        self._count(endpoint.name, 1)
+        return backend
+
+    def replica_closed(self, relay: Relay, backend: BackendConnection) -> None:
+        self.backend_limiter.release(relay.replica_slot)
+        self.metrics.backend_disconnected(backend.endpoint.name)
+        self._count(backend.endpoint.name, -1)
 
     def byte_totals(self) -> tuple[int, int]:
         incoming = self.closed_bytes_in + sum(r.bytes_from_client for r in self.relays.values())

@@ -26,18 +26,25 @@ from sqlglot import exp
 from proxy.admin.statements import (
     ChangeMigration,
     MigrationVerb,
+    RulesVerb,
     StartMigration,
     change_from_update,
     describe,
     option_text,
+    parse_rules_verb,
     parse_verb,
     refuse,
+    rule_change_from_update,
+    rule_delete,
+    rules_from_insert,
     start_from_insert,
+    target_table,
 )
 from proxy.admin.tables import (
     ER_BAD_DB_ERROR,
     ER_PARSE_ERROR,
     ER_UNKNOWN_ERROR,
+    ER_WRONG_VALUE_FOR_VAR,
     MIGRATIONS,
     SCHEMA_NAME,
     TABLES,
@@ -48,6 +55,7 @@ from proxy.admin.tables import (
     run_select,
 )
 from proxy.control import Control, ControlError
+from proxy.routing import RuleError
 
 log = logging.getLogger("tidegate.admin")
 
@@ -118,9 +126,15 @@ class AdminSession(Session):  # type: ignore[misc]
             if verb is not None:
                 await self._run_verb(verb)
                 return None
+            rules_verb = parse_rules_verb(sql)
+            if rules_verb is not None:
+                await self._rules_verb(rules_verb)
+                return None
             return await super().handle_query(sql, attrs)
         except MysqlError:
             raise
+        except RuleError as error:
+            raise MysqlError(str(error), ER_WRONG_VALUE_FOR_VAR) from None
         except AdminError as error:
             raise MysqlError(error.message, error.code) from None
         except ControlError as error:
@@ -136,6 +150,8 @@ class AdminSession(Session):  # type: ignore[misc]
     async def query(self, expression: exp.Expression, sql: str, attrs: dict[str, str]) -> Any:
         if isinstance(expression, exp.Query):
             return await self._select(expression)
+        if isinstance(expression, exp.Insert | exp.Update | exp.Delete) and target_table(expression) == "rules":
+            return await self._edit_rules(expression)
         if isinstance(expression, exp.Insert):
             return await self._start(start_from_insert(expression))
         if isinstance(expression, exp.Update):
@@ -224,6 +240,63 @@ class AdminSession(Session):  # type: ignore[misc]
                 ) from None
             done.append(text)
         self._finish(await self._effect(change.migration_id, ", ".join(done)))
+
+    # -- rules ---------------------------------------------------------------
+
+    _NOT_LIVE = "staged, NOT live: APPLY RULES makes the staged rules live (DISCARD RULES drops the changes)"
+
+    async def _edit_rules(self, expression: exp.Expression) -> None:
+        control = self.control
+        if isinstance(expression, exp.Insert):
+            stage = rules_from_insert(expression)
+
+            async def insert() -> list[int]:
+                return control.stage_rules([dict(row) for row in stage.rows])
+
+            ids = await self._in_trio(insert)
+            what = f"rule{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} added"
+            count = len(ids)
+        elif isinstance(expression, exp.Update):
+            change = rule_change_from_update(expression)
+
+            async def update() -> int:
+                return control.change_rule(change.rule_id, dict(change.changes))
+
+            rule_id = await self._in_trio(update)
+            what, count = f"rule {rule_id} changed", 1
+        else:
+            assert isinstance(expression, exp.Delete)
+            delete = rule_delete(expression)
+
+            async def remove() -> None:
+                control.delete_rule(delete.rule_id)
+
+            await self._in_trio(remove)
+            what, count = f"rule {delete.rule_id} deleted", 1
+        note = f"{what}: {self._NOT_LIVE}"
+        self._finish(Outcome(affected_rows=count, info=note, warnings=(note,)))
+
+    async def _rules_verb(self, verb: RulesVerb) -> None:
+        control = self.control
+        if verb.verb == "discard":
+
+            async def discard() -> None:
+                control.discard_rules()
+
+            await self._in_trio(discard)
+            self._finish(Outcome(info="staged rule changes discarded: staged = live"))
+            return
+
+        async def apply() -> tuple[int, int]:
+            return control.apply_rules()
+
+        try:
+            total, active = await self._in_trio(apply)
+        except RuleError as error:
+            raise MysqlError(
+                f"rules not applied, the live rules are unchanged: {error}", ER_WRONG_VALUE_FOR_VAR
+            ) from None
+        self._finish(Outcome(affected_rows=total, info=f"{total} rules live ({active} active)"))
 
     async def _run_verb(self, verb: MigrationVerb) -> None:
         control, migration_id = self.control, verb.migration_id

@@ -14,6 +14,12 @@ The grammar (docs/admin.md has examples)::
     POSTPONE MIGRATION <n>
     THROTTLE MIGRATION <n> ['<reason>']
     UNTHROTTLE MIGRATION <n>
+
+    INSERT INTO rules (id, <setting>...) VALUES (...)[, (...)]   -- staged
+    UPDATE rules SET <setting> = <value>[, ...] WHERE id = <n>     -- staged
+    DELETE FROM rules WHERE id = <n>                               -- staged
+    APPLY RULES | LOAD RULES TO RUNTIME                            -- staged -> live
+    DISCARD RULES                                                  -- staged := live
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ from proxy.admin.tables import (
     ER_WRONG_VALUE_COUNT,
     ER_WRONG_VALUE_FOR_VAR,
     MIGRATIONS,
+    RULES,
     SETTINGS,
     AdminError,
     table_named,
 )
+from proxy.routing import FIELDS as RULE_FIELDS
 
 ER_NO_DEFAULT_FOR_FIELD = 1364
 
@@ -279,7 +287,7 @@ def _read_only_table(table: str, verb: str) -> AdminError:
     return AdminError(
         ER_TABLE_NOT_UPDATABLE,
         f"The target table {table} of the {verb} is not updatable: {table} shows live state "
-        "(only migrations takes INSERT and UPDATE)",
+        "(only migrations and rules take INSERT and UPDATE)",
     )
 
 
@@ -422,6 +430,8 @@ def refuse(statement: exp.Expression) -> AdminError:
         if name.lower() == MIGRATIONS.name:
             return AdminError(ER_NOT_SUPPORTED_YET, "DELETE FROM migrations is not supported: "
                               "stop a migration with CANCEL MIGRATION <id>")
+        if name.lower() == RULES.name:
+            return AdminError(ER_NOT_SUPPORTED_YET, "DELETE FROM rules takes WHERE id = <n>")
         if name:
             table = table_named(name, target.db or None)
             return _read_only_table(table.name, "DELETE")
@@ -431,8 +441,9 @@ def refuse(statement: exp.Expression) -> AdminError:
     return AdminError(
         ER_NOT_SUPPORTED_YET,
         f"{kind} is not supported on the admin port: it takes SELECT/SHOW on its tables, "
-        "INSERT INTO migrations, UPDATE migrations ... WHERE id = <n>, and "
-        "CANCEL | CUT OVER | POSTPONE | THROTTLE | UNTHROTTLE MIGRATION <id> (see docs/admin.md)",
+        "INSERT INTO migrations, UPDATE migrations ... WHERE id = <n>, "
+        "CANCEL | CUT OVER | POSTPONE | THROTTLE | UNTHROTTLE MIGRATION <id>, "
+        "INSERT/UPDATE/DELETE on rules and APPLY | DISCARD RULES (see docs/admin.md)",
     )
 
 
@@ -445,3 +456,113 @@ def describe(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     return "'" + str(value).replace("'", "''") + "'"
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class StageRules:
+    rows: tuple[dict[str, Value], ...]
+
+
+@dataclass(frozen=True)
+class ChangeRule:
+    rule_id: int
+    changes: dict[str, Value]
+
+
+@dataclass(frozen=True)
+class DeleteRule:
+    rule_id: int
+
+
+@dataclass(frozen=True)
+class RulesVerb:
+    verb: str  # apply or discard
+
+
+_RULES_VERB = re.compile(
+    r"\s*(?:(APPLY)\s+RULES|(DISCARD)\s+RULES|LOAD\s+(?:MYSQL\s+QUERY\s+)?RULES\s+TO\s+RUNTIME)\s*;?\s*",
+    re.I,
+)
+
+
+def parse_rules_verb(sql: str) -> RulesVerb | None:
+    match = _RULES_VERB.fullmatch(sql)
+    if match is None:
+        return None
+    return RulesVerb("discard" if match.group(2) else "apply")
+
+
+def target_table(statement: exp.Expression) -> str | None:
+    """Lower-case name of the table an INSERT/UPDATE/DELETE writes to, if plain."""
+    target = statement.this
+    if isinstance(target, exp.Schema):
+        target = target.this
+    return target.name.lower() if isinstance(target, exp.Table) else None
+
+
+_RULE_WRITABLE = tuple(name for name in RULE_FIELDS)
+
+
+def _rule_column(raw_name: str) -> str:
+    name = raw_name.lower()
+    if name not in _RULE_WRITABLE:
+        if name in RULES.column_names():
+            raise AdminError(ER_NONUPDATEABLE_COLUMN, f"Column '{raw_name}' is shown, not set; rules take: "
+                             f"{', '.join(_RULE_WRITABLE)}")
+        raise AdminError(ER_BAD_FIELD_ERROR, f"Unknown column '{raw_name}' in table rules; rules take: "
+                         f"{', '.join(_RULE_WRITABLE)}")
+    return name
+
+
+def rules_from_insert(statement: exp.Insert) -> StageRules:
+    target = statement.this
+    if not isinstance(target, exp.Schema):
+        raise AdminError(ER_WRONG_VALUE_COUNT, "INSERT INTO rules needs a column list: "
+                         "INSERT INTO rules (id, match, route) VALUES (10, '^SELECT', 'replica')")
+    names = [_rule_column(identifier.name) for identifier in target.expressions]
+    if len(set(names)) != len(names):
+        raise AdminError(ER_WRONG_VALUE_FOR_VAR, "a column is given twice")
+    if "id" not in names:
+        raise AdminError(ER_NO_DEFAULT_FOR_FIELD, "Field 'id' doesn't have a default value: every rule needs an id "
+                         "(rules run in ascending id order)")
+    if statement.args.get("conflict") or statement.args.get("overwrite"):
+        raise AdminError(ER_NOT_SUPPORTED_YET, "INSERT INTO rules takes no ON DUPLICATE KEY / REPLACE")
+    source = statement.expression
+    if not isinstance(source, exp.Values):
+        raise AdminError(ER_NOT_SUPPORTED_YET, "INSERT INTO rules takes VALUES (...), not a query")
+    rows = []
+    for number, row in enumerate(source.expressions, start=1):
+        values = list(row.expressions) if isinstance(row, exp.Tuple) else [row]
+        if len(values) != len(names):
+            raise AdminError(ER_WRONG_VALUE_COUNT, f"Column count doesn't match value count at row {number}")
+        rows.append({name: literal_value(node, name) for name, node in zip(names, values, strict=True)})
+    return StageRules(tuple(rows))
+
+
+def _rule_id(statement: exp.Update | exp.Delete, verb: str) -> int:
+    try:
+        return _where_id(statement)  # type: ignore[arg-type]
+    except AdminError:
+        raise AdminError(ER_UPDATE_WITHOUT_KEY, f"{verb} rules needs WHERE id = <n>: one rule at a time") from None
+
+
+def rule_change_from_update(statement: exp.Update) -> ChangeRule:
+    for unsupported in ("from", "joins", "order", "limit", "returning"):
+        if statement.args.get(unsupported):
+            raise AdminError(ER_NOT_SUPPORTED_YET, "UPDATE rules takes only SET ... WHERE id = <n>")
+    changes: dict[str, Value] = {}
+    for assignment in statement.expressions:
+        if not isinstance(assignment, exp.EQ) or not isinstance(assignment.this, exp.Column):
+            raise AdminError(ER_PARSE_ERROR, f"expected column = value, got {assignment.sql('mysql')}")
+        name = _rule_column(assignment.this.name)
+        if name in changes:
+            raise AdminError(ER_WRONG_VALUE_FOR_VAR, f"Column '{name}' set twice")
+        changes[name] = literal_value(assignment.expression, name)
+    return ChangeRule(_rule_id(statement, "UPDATE"), changes)
+
+
+def rule_delete(statement: exp.Delete) -> DeleteRule:
+    return DeleteRule(_rule_id(statement, "DELETE"))

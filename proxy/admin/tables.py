@@ -132,8 +132,47 @@ BACKENDS = Table(
         _c("address", "TEXT", "host:port"),
         _c("tls", "TINYINT", "1 if the proxy speaks TLS to it"),
         _c("reachable", "TINYINT", "last probe result (primary only; NULL otherwise)"),
-        _c("connections", "BIGINT", "proxy connections open to it"),
+        _c("connections", "BIGINT", "client sessions' connections open to it"),
         _c("queue_waiting", "BIGINT", "clients waiting for a backend connection"),
+        _c("health", "TEXT", "up; replicas: unknown (not probed yet), lagging, stopped (replication "
+           "thread stopped) or down (probe failed); only up replicas get reads"),
+        _c("lag_seconds", "DOUBLE", "replicas: estimated replication lag at the last probe"),
+        _c("sql_running", "TINYINT", "replicas: replication SQL thread running"),
+        _c("io_running", "TINYINT", "replicas: replication I/O thread running"),
+        _c("routed", "BIGINT", "statements the router sent to it (with routing active)"),
+        _c("error", "TEXT", "replicas: why it gets no reads"),
+    ),
+)
+
+RULES = Table(
+    "rules",
+    "routing rules: the live ones (with hit counters), then staged changes that APPLY RULES "
+    "would make live; INSERT, UPDATE and DELETE edit the staged set",
+    (
+        _c("state", "TEXT", "live, or staged (a change not applied yet)"),
+        _c("id", "BIGINT", "rule id; rules run in ascending id order"),
+        _c("active", "TINYINT", "0 keeps the rule without using it"),
+        _c("note", "TEXT", "free text"),
+        _c("user", "TEXT", "matches the session's user"),
+        _c("schema", "TEXT", "matches the session's default schema"),
+        _c("kinds", "TEXT", "statement kinds: read, write, ddl, transaction, session, other"),
+        _c("tables", "TEXT", "tables (table or schema.table, * wildcards) the statement names"),
+        _c("tags", "TEXT", "comment tags name=value (value * for any), e.g. tidegate=gray"),
+        _c("attributes", "TEXT", "connection attributes name=value"),
+        _c("digest", "TEXT", "16-hex digest, or a statement whose shape to match"),
+        _c("match", "TEXT", "regular expression searched in the statement (case-insensitive)"),
+        _c("percent", "DOUBLE", "only this share of keys (0..100), by a stable hash of key"),
+        _c("key", "TEXT", "tag or connection attribute hashed for percent (default uid)"),
+        _c("salt", "TEXT", "changes which keys fall in the percentage"),
+        _c("route", "TEXT", "primary, replica, or a backend name"),
+        _c("rewrite", "TEXT", "replacement for match (\\1 for groups)"),
+        _c("comment", "TEXT", "comment put in front of the statement"),
+        _c("hint", "TEXT", "optimizer hint put after the first keyword as /*+ hint */"),
+        _c("mirror", "TEXT", "backend that gets a fire-and-forget copy"),
+        _c("reject", "TEXT", "refuse the statement with this message (error 1148)"),
+        _c("last", "TINYINT", "1: no rule after this one is evaluated when it matches"),
+        _c("hits", "BIGINT", "live rules: statements matched since the rule went live"),
+        _c("pending", "TEXT", "a staged change not applied yet (new, changed, deleted)"),
     ),
 )
 
@@ -236,7 +275,7 @@ SIDECARS = Table(
 )
 
 TABLES: dict[str, Table] = {
-    table.name: table for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS)
+    table.name: table for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS, RULES)
 }
 
 

@@ -151,11 +151,13 @@ class ErrorCode(IntEnum):
     NO_DB_ERROR = 1046
     UNKNOWN_COM_ERROR = 1047
     SERVER_SHUTDOWN = 1053
+    NOT_ALLOWED_COMMAND = 1148  # a routing rule rejected the statement
     NET_PACKET_TOO_LARGE = 1153
     NET_READ_ERROR = 1158
     NET_PACKETS_OUT_OF_ORDER = 1156
     NET_READ_INTERRUPTED = 1159
     NOT_SUPPORTED_AUTH_MODE = 1251
+    TOO_MANY_CONCURRENT_TRXS = 1637  # lag backpressure: "too many requests", retry later
     SECURE_TRANSPORT_REQUIRED = 3159
     CONNECTION_ERROR = 2003  # cannot connect to the backend
     SERVER_LOST = 2013  # backend lost mid-command
@@ -168,6 +170,8 @@ SQLSTATE = {
     ErrorCode.NO_DB_ERROR: "3D000",
     ErrorCode.UNKNOWN_COM_ERROR: "08S01",
     ErrorCode.SERVER_SHUTDOWN: "08S01",
+    ErrorCode.NOT_ALLOWED_COMMAND: "42000",
+    ErrorCode.TOO_MANY_CONCURRENT_TRXS: "HY000",
     ErrorCode.NET_PACKET_TOO_LARGE: "08S01",
     ErrorCode.NET_READ_ERROR: "08S01",
     ErrorCode.NET_PACKETS_OUT_OF_ORDER: "08S01",
