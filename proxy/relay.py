@@ -63,7 +63,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.relay")
 
-_connection_ids = itertools.count(1)
+#: Session ids the proxy hands out (the handshake's thread id).  They start at
+#: 2^30 so they never collide with a backend's thread ids, which is what lets
+#: ``KILL <id>`` be translated safely (see Relay._translate_kill).
+PROXY_ID_BASE = 1 << 30
+_connection_ids = itertools.count(PROXY_ID_BASE)
+_KILL = re.compile(
+    rb"\s*KILL\s+((?:HARD\s+|SOFT\s+)?(?:CONNECTION\s+|QUERY\s+)?(?:ID\s+)?)(\d+)\s*;?\s*$", re.IGNORECASE
+)
+_COM_PROCESS_KILL = 0x0C
 
 
 class MetricsSink(Protocol):
@@ -661,6 +669,11 @@ class Relay:
                 raise ProtocolError(f"command packet with sequence {packet.sequence}")
             command = payload[0]
             started = time.perf_counter()
+            if (command == _COM_QUERY and payload[1:2] in b"Kk \t\r\n") or command == _COM_PROCESS_KILL:
+                translated = self._translate_kill(command, payload)
+                if translated is not None:
+                    payload = translated
+                    packet = Packet(0, payload, frame(payload, 0)[0], 0)
             if command == _COM_QUERY:
                 session.current_raw = payload
                 routing = proxy.routing
@@ -953,6 +966,32 @@ class Relay:
         mask = rules.session_mask(session.user, session.schema, session.attributes)
         self._mask_key = (rules, session.schema, session.user, mask)
         return mask
+
+    def _translate_kill(self, command: int, payload: bytes) -> bytes | None:
+        """``KILL [QUERY] <id>`` / COM_PROCESS_KILL naming one of *our* session ids
+        (the thread id clients got from our handshake) → that session's backend
+        connection id.  Other ids pass unchanged; the server checks privileges."""
+        if command == _COM_PROCESS_KILL:
+            if len(payload) < 5:
+                return None
+            target = int.from_bytes(payload[1:5], "little")
+            backend_id = self._backend_id_of(target)
+            return None if backend_id is None else bytes((command,)) + backend_id.to_bytes(4, "little")
+        match = _KILL.match(payload, 1)
+        if match is None:
+            return None
+        backend_id = self._backend_id_of(int(match.group(2)))
+        if backend_id is None:
+            return None
+        return bytes((command,)) + b"KILL " + match.group(1) + str(backend_id).encode()
+
+    def _backend_id_of(self, session_id: int) -> int | None:
+        if session_id < PROXY_ID_BASE:
+            return None
+        relay = self.proxy.relays.get(session_id)
+        if relay is None or relay.backend is None:
+            return None
+        return relay.backend.connection_id
 
     async def _admit(self) -> None:
         """Wait at the gate while a cut-over holds a table this statement touches."""

@@ -890,15 +890,6 @@ def test_unknown_database_forwarded(
     assert "no_such_database" in errors[1][1]
 
 
-KILL_IDS = (
-    "KILL takes the thread id the client got in the handshake (pymysql's kill(), the mariadb "
-    "CLI's Ctrl-C), but the proxy announces its own connection ids, which are not the backend's "
-    "thread ids: the server answers 1094 Unknown thread id, or kills an unrelated session that "
-    "happens to have that id"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KILL_IDS)
 def test_kill_by_the_thread_id_from_the_handshake(
     tidegate: RunningProxy, primary: sandbox.Instance
 ) -> None:
