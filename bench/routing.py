@@ -49,6 +49,7 @@ from proxy import sandbox  # noqa: E402
 _spec = importlib.util.spec_from_file_location("bench_proxy", ROOT / "bench" / "proxy.py")
 assert _spec is not None and _spec.loader is not None
 bench_proxy = importlib.util.module_from_spec(_spec)
+sys.modules["bench_proxy"] = bench_proxy  # dataclasses look their module up
 _spec.loader.exec_module(bench_proxy)
 
 USER, PASSWORD, SCHEMA = "sbtest", "sbtest-secret", "sbtest"

@@ -454,20 +454,32 @@ class RuleSet:
         self.hits: dict[int, int] = {spec.id: 0 for spec in specs}
         self._by_position = [rule.spec.id for rule in rules]
         self._percent_mask = 0
+        self._regex_mask = 0
+        self._text_mask = 0  # rules whose actions change the statement text
         self._statement_rules: list[_Rule] = []
+        self._regex_rules: list[_Rule] = []
         self._session_rules: list[_Rule] = []
         for rule in rules:
             spec = rule.spec
             if rule.threshold is not None:
                 self._percent_mask |= rule.bit
-            if rule.kinds or rule.tables or rule.tags or rule.digest or rule.regex:
+            if rule.kinds or rule.tables or rule.tags or rule.digest:
                 self._statement_rules.append(rule)
+            if rule.regex is not None:
+                self._regex_rules.append(rule)
+                self._regex_mask |= rule.bit
+            if spec.rewrite is not None or spec.comment is not None or spec.hint is not None:
+                self._text_mask |= rule.bit
             if spec.user is not None or spec.schema is not None or rule.attributes:
                 self._session_rules.append(rule)
         self._all = (1 << len(rules)) - 1
-        self._needs_digest = any(rule.digest for rule in rules)
+        #: (shape, schema) → rules whose kind/tables/tags/digest match
         self._statement_cache: dict[tuple[bytes, str | None], int] = {}
+        #: statement text → regex rules that match it
+        self._regex_cache: dict[bytes, int] = {}
         self._decisions: dict[tuple[bytes, int], Decision] = {}
+        #: decisions that do not change the text are shared by every statement with their rules
+        self._plain_decisions: dict[int, Decision] = {}
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -498,12 +510,10 @@ class RuleSet:
                 mask &= ~rule.bit
         return mask
 
-    def _statement_mask(self, sql: bytes, facts: Facts, schema: str | None) -> int:
+    def _statement_mask(self, shape: bytes, facts: Facts, schema: str | None) -> int:
+        """Rules whose kind/tables/tags/digest accept the statement (same for one shape)."""
         mask = self._all
-        if not self._statement_rules:
-            return mask
-        text: str | None = None
-        shape: tuple[str, str] | None = None
+        folded: tuple[str, str] | None = None
         for rule in self._statement_rules:
             ok = True
             if rule.kinds is not None and facts.kind not in rule.kinds:
@@ -512,21 +522,31 @@ class RuleSet:
                 ok = False
             elif rule.tags and not _pairs_match(rule.tags, facts.tags):
                 ok = False
-            elif rule.digest is not None or rule.regex is not None:
-                if text is None:
-                    text = sql.decode("utf-8", "surrogateescape")
-                if rule.digest is not None:
-                    if shape is None:
-                        folded = digest_text(text)
-                        shape = (folded, hashlib.blake2b(folded.encode("utf-8", "surrogateescape"),
-                                                         digest_size=8).hexdigest())
-                    if rule.digest != (shape[0] if rule.digest_is_text else shape[1]):
-                        ok = False
-                if ok and rule.regex is not None and rule.regex.search(text) is None:
+            elif rule.digest is not None:
+                if folded is None:
+                    text = digest_text(shape.decode("utf-8", "surrogateescape"))
+                    folded = (text, hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
+                                                    digest_size=8).hexdigest())
+                if rule.digest != (folded[0] if rule.digest_is_text else folded[1]):
                     ok = False
             if not ok:
                 mask &= ~rule.bit
         return mask
+
+    def _regex_filter(self, sql: bytes, mask: int) -> int:
+        """Drop the candidate regex rules whose pattern is not in the statement text."""
+        matched = self._regex_cache.get(sql)
+        if matched is None:
+            matched = 0
+            text = sql.decode("utf-8", "surrogateescape")
+            for rule in self._regex_rules:
+                assert rule.regex is not None
+                if rule.regex.search(text) is not None:
+                    matched |= rule.bit
+            if len(self._regex_cache) >= CACHE_SIZE:
+                self._regex_cache.clear()
+            self._regex_cache[sql] = matched
+        return mask & (~self._regex_mask | matched)
 
     # -- the decision ------------------------------------------------------------
 
@@ -538,21 +558,34 @@ class RuleSet:
         session_mask: int,
         attributes: Mapping[str, str],
     ) -> Decision:
-        """What to do with one statement (cached by text, schema and matching rules)."""
-        key = (sql, schema)
+        """What to do with one statement.
+
+        Cached by shape (statements that differ only in literals) and schema,
+        then by the rules that matched; only regex rules look at the text.
+        """
+        key = (facts.shape or sql, schema)
         statement_mask = self._statement_cache.get(key)
         if statement_mask is None:
-            statement_mask = self._statement_mask(sql, facts, schema)
+            statement_mask = self._statement_mask(key[0], facts, schema)
             if len(self._statement_cache) >= CACHE_SIZE:
                 self._statement_cache.clear()
             self._statement_cache[key] = statement_mask
         mask = statement_mask & session_mask
+        if mask & self._regex_mask:
+            mask = self._regex_filter(sql, mask)
         if not mask:
             return NO_DECISION
         if mask & self._percent_mask:
             mask = self._percent(mask, facts, attributes)
             if not mask:
                 return NO_DECISION
+        if not mask & self._text_mask:
+            decision = self._plain_decisions.get(mask)
+            if decision is None:
+                if len(self._plain_decisions) >= CACHE_SIZE:
+                    self._plain_decisions.clear()
+                decision = self._plain_decisions[mask] = self._build(sql, mask)
+            return decision
         decision_key = (sql, mask)
         decision = self._decisions.get(decision_key)
         if decision is None:

@@ -376,3 +376,39 @@ def test_staged_rules_apply_atomically() -> None:
     router.stage_delete(30)
     router.discard()
     assert not router.pending
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        (b"SELECT c FROM sbtest1 WHERE id=1234", b"SELECT c FROM sbtest1 WHERE id=?"),
+        (b"/* uid=7 */ SELECT 'a''b', \"x\" FROM `2019`.t1 WHERE x IN (1, 2.5e3)",
+         b"/* uid=7 */ SELECT ?, ? FROM `2019`.t1 WHERE x IN (?, ?)"),
+        (b"SELECT * FROM 2019_orders LIMIT 10", b"SELECT * FROM 2019_orders LIMIT ?"),
+        (b"SELECT @v1, t2.c3 FROM t2", b"SELECT @v1, t2.c3 FROM t2"),
+        (b"SELECT 'unterminated", b"SELECT 'unterminated"),
+    ],
+)
+def test_shapes_keep_comments_and_identifiers(sql: bytes, shape: bytes) -> None:
+    from proxy.classify import shape_of
+
+    assert shape_of(sql) == shape
+
+
+def test_statements_differing_in_literals_share_facts_and_rule_work() -> None:
+    from proxy.classify import Classifier
+
+    classifier = Classifier()
+    first = classifier.classify(b"SELECT * FROM orders WHERE id = 1 /* tidegate:gray uid=5 */")
+    second = classifier.classify(b"SELECT * FROM orders WHERE id = 2 /* tidegate:gray uid=5 */")
+    assert first is second and first.tags == {"tidegate": "gray", "uid": "5"}
+    assert classifier.classify(b"SELECT * FROM orders WHERE id = 3 /* uid=6 */") is not first
+    ruleset = rules({"id": 1, "match": r"id = 2\b", "route": "replica1"}, {"id": 2, "tables": "orders", "comment": "o"})
+    mask = ruleset.session_mask("app", "shop", {})
+    one = ruleset.decide(b"SELECT * FROM orders WHERE id = 1", first, "shop", mask, {})
+    two = ruleset.decide(b"SELECT * FROM orders WHERE id = 2", second, "shop", mask, {})
+    assert one.route is None and one.sql == b"/* o */ SELECT * FROM orders WHERE id = 1"
+    assert two.route == "replica1" and two.sql == b"/* o */ SELECT * FROM orders WHERE id = 2"  # regex: raw text
