@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -25,6 +26,7 @@ from proxy.backends import (
     probe_handshake,
 )
 from proxy.config import BackendConfig, Config, ConfigError, load_config
+from proxy.events import EventLog
 from proxy.metrics import Metrics
 from proxy.protocol.constants import RELAYABLE, Status
 from proxy.protocol.packets import Handshake
@@ -76,6 +78,7 @@ def settings_from(config: Config) -> Settings:
         shutdown_grace=limits.shutdown_grace,
         client_tls=client_tls,
         client_tls_required=bool(config.client_tls and config.client_tls.required),
+        trace_tags=config.events.trace_tags,
     )
 
 
@@ -112,6 +115,8 @@ class App:
         self.proxy: Proxy | None = None
         #: the embedded migration service (None without a service account)
         self.migrations: Any = None
+        #: migration, cut-over, hold and traced-statement events (``[events]``, admin ``events``)
+        self.events = EventLog(config.events.file, keep=config.events.keep)
         self.primary_reachable = False
         self.shutdown_requested = trio.Event()
         #: the admin SQL port's bound address once it listens
@@ -181,6 +186,8 @@ class App:
             "migrations_led_here": sorted(self.migrations.running) if self.migrations else [],
             "hold_in_progress": bool(proxy and proxy.gate.holds),
             "holds": proxy.gate.snapshot() if proxy else [],
+            # every active migration as of the last poll; a pipeline waits for ready_to_cut_over
+            "migrations": self.migrations.status() if self.migrations is not None else [],
         }
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
@@ -275,7 +282,9 @@ class App:
 
     def _embedded_migrator(self, proxy: Proxy, service_account: tuple[str, str]) -> tuple[Any, Any]:
         """Fleet membership and the migration service (the only place proxy meets migrator)."""
+        from proxy.blockers import ClientSession, local_sessions
         from proxy.fleet import Fleet, ServiceDatabase
+        from proxy.hooks import HOOKS, HookSettings
         from proxy.migrations import STATES, MigrationService
 
         credentials = Credentials.from_password(*service_account)
@@ -311,9 +320,20 @@ class App:
             if metrics is not None:
                 metrics.cutover_attempt(result)
 
+        def sessions(tables: Iterable[str]) -> list[ClientSession]:
+            return local_sessions(proxy, fleet.id, tables)
+
+        fleet.sessions = sessions
+        fleet.events = proxy.gate.events = self.events
+        self.events.source = fleet.id
+        hooks = self.config.hooks
         service = MigrationService(
             self.primary, service_account, fleet, schema=self.config.state_schema,
-            on_progress=on_progress, on_cutover=on_cutover,
+            on_progress=on_progress, on_cutover=on_cutover, events=self.events, local_sessions=sessions,
+            hooks=HookSettings(
+                {name: getattr(hooks, name) for name in HOOKS if getattr(hooks, name)},
+                hooks.timeout, hooks.retry_interval,
+            ),
         )
         proxy.gate.set_dependents(service.dependents)
         return fleet, service

@@ -229,7 +229,7 @@ async def _locks(db: ServiceDatabase, schema: str, table: str, report: Report) -
             for row in await _query(db, "SELECT THREAD_ID, LOCK_MODE, LOCK_DURATION FROM "
                                         f"information_schema.METADATA_LOCK_INFO WHERE {where}"):
                 locks.append({"id": int(row["THREAD_ID"] or 0), "lock": f"{row['LOCK_MODE']} granted",
-                              "granted": True})
+                              "granted": True, "explicit": "EXPLICIT" in str(row["LOCK_DURATION"])})
             _Sources.plugin = True
             report.exact = True
             report.notes.append("metadata locks: information_schema.METADATA_LOCK_INFO")
@@ -244,7 +244,8 @@ async def _locks(db: ServiceDatabase, schema: str, table: str, report: Report) -
         if enabled and enabled[0]["ENABLED"] == "YES":
             rows = await _query(
                 db,
-                "SELECT t.PROCESSLIST_ID AS id, m.LOCK_TYPE AS type, m.LOCK_STATUS AS status "
+                "SELECT t.PROCESSLIST_ID AS id, m.LOCK_TYPE AS type, m.LOCK_STATUS AS status, "
+                "m.LOCK_DURATION AS duration "
                 "FROM performance_schema.metadata_locks m JOIN performance_schema.threads t "
                 "ON t.THREAD_ID = m.OWNER_THREAD_ID WHERE m.OBJECT_TYPE = 'TABLE' "
                 f"AND m.OBJECT_SCHEMA = {literal(schema)} AND m.OBJECT_NAME = {literal(table)}",
@@ -256,7 +257,7 @@ async def _locks(db: ServiceDatabase, schema: str, table: str, report: Report) -
                 if granted and any(lock["id"] == int(row["id"]) and lock["granted"] for lock in locks):
                     continue
                 locks.append({"id": int(row["id"]), "lock": f"{row['type']} {str(row['status']).lower()}",
-                              "granted": granted})
+                              "granted": granted, "explicit": row["duration"] == "EXPLICIT"})
             report.exact = True
             report.notes.append("metadata locks: performance_schema.metadata_locks "
                                 "(locks taken before the instrument was enabled are missing)")
@@ -269,6 +270,17 @@ async def _locks(db: ServiceDatabase, schema: str, table: str, report: Report) -
         if not report.exact:
             report.notes.append(f"performance_schema unavailable ({error.err.code}); no metadata-lock source")
     return locks
+
+
+def _ours(process: Mapping[str, Any], service_user: str | None, table: str, explicit: bool = False) -> bool:
+    """One of the migrator's own connections: the service account taking table locks, or
+    touching its helper tables.  (An application that logs in as the service account
+    is reported like any other session.)"""
+    if not service_user or process.get("USER") != service_user:
+        return False
+    info = str(process.get("INFO") or "").lstrip().upper()
+    return explicit or info.startswith(("LOCK TABLE", "RENAME TABLE", "ALTER TABLE")) or (
+        f"`_{table.lower()}_" in info.lower())
 
 
 def _mentions(info: str | None, table: str) -> bool:
@@ -347,7 +359,7 @@ async def collect(
             "source": source,
             "processlist_id": process_id,
             "lock": lock,
-            "migrator": bool(service_user and process.get("USER") == service_user),
+            "migrator": _ours(process, service_user, table),
             "server_user": process.get("USER"),
             "server_host": process.get("HOST"),
             "command": process.get("COMMAND"),
@@ -368,17 +380,16 @@ async def collect(
 
     for lock in locks:
         process = processes.get(lock["id"], {})
-        if service_user and process.get("USER") == service_user and lock["granted"]:
-            continue  # the migrator's own lock (its earlier cut-over step)
+        ours = _ours(process, service_user, table, lock["explicit"])
         if lock["granted"]:
-            add(lock["id"], "holding", "metadata_locks", lock["lock"])
+            if not ours:  # the migrator's own lock (an earlier step of its cut-over) is no blocker
+                add(lock["id"], "holding", "metadata_locks", lock["lock"])
         else:
-            add(lock["id"], "waiting" if service_user and process.get("USER") == service_user else "queued",
-                "metadata_locks", lock["lock"])
+            add(lock["id"], "waiting" if ours else "queued", "metadata_locks", lock["lock"])
     for process_id, process in processes.items():
         if not _mentions(process.get("INFO"), table):
             continue
-        is_ours = bool(service_user and process.get("USER") == service_user)
+        is_ours = _ours(process, service_user, table)
         if str(process.get("STATE") or "").startswith("Waiting for") and "metadata lock" in str(process.get("STATE")):
             add(process_id, "waiting" if is_ours else "queued", "processlist")
         elif not is_ours and process.get("COMMAND") not in ("Sleep", "Killed", "Daemon"):
@@ -392,7 +403,7 @@ async def collect(
         candidates = [
             (float(trx["age"] or 0), process_id) for process_id, trx in transactions.items()
             if process_id not in rows_by_id and process_id in processes
-            and not (service_user and processes[process_id].get("USER") == service_user)
+            and not _ours(processes[process_id], service_user, table)
             and float(trx["age"] or 0) >= waiting_since
         ]
         for _, process_id in sorted(candidates, reverse=True)[:MAX_CANDIDATES]:
@@ -412,7 +423,8 @@ async def migrator_waits(db: ServiceDatabase, service_user: str, table: str, at_
         f"WHERE USER = {literal(service_user)} AND STATE = {literal(MDL_WAIT)} "
         f"AND INFO LIKE {literal('%' + table + '%')}",
     )
-    return [row for row in rows if float(row["seconds"] or 0) >= at_least and _mentions(row["INFO"], table)]
+    return [row for row in rows if float(row["seconds"] or 0) >= at_least and _mentions(row["INFO"], table)
+            and _ours({"USER": service_user, "INFO": row["INFO"]}, service_user, table)]
 
 
 async def kill_connection(db: ServiceDatabase, process_id: int) -> str | None:

@@ -43,6 +43,8 @@ __all__ = [
     "ClientTLSConfig",
     "Config",
     "ConfigError",
+    "EventsConfig",
+    "HooksConfig",
     "Limits",
     "RoutingConfig",
     "TLSConfig",
@@ -172,6 +174,33 @@ class BackpressureConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """The event log (``[events]``): migration, hold and traced-statement events."""
+
+    #: "" (the default): kept for the admin port only; "-": stderr; else a file, appended to
+    file: str = ""
+    #: events the admin port's ``events`` table keeps
+    keep: int = 1000
+    #: comment tags that carry a statement's trace id (sqlcommenter's ``traceparent``, or your own)
+    trace_tags: tuple[str, ...] = ("traceparent",)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Lifecycle hooks of every migration (``[hooks]``): a command or an http(s) URL each."""
+
+    startup: str = ""
+    row_copy_complete: str = ""
+    #: may veto: while it fails, the migration stays postponed (retried every retry_interval)
+    before_cut_over: str = ""
+    after_cut_over: str = ""
+    success: str = ""
+    failure: str = ""
+    timeout: float = 30.0
+    retry_interval: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Address = ("127.0.0.1", 6033)
     http_listen: Address = ("127.0.0.1", 9104)
@@ -187,6 +216,8 @@ class Config:
     migrations_enabled: bool = True
     #: schema on the primary for migration state and sidecar coordination
     state_schema: str = "_tidegate"
+    events: EventsConfig = field(default_factory=EventsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
     #: routing rules from the file (the admin port changes them at run time)
@@ -667,6 +698,8 @@ _TOP_KEYS = (
     "limits",
     "client_tls",
     "admin",
+    "events",
+    "hooks",
     "routing",
     "backpressure",
     "rules",
@@ -680,6 +713,9 @@ _TLS_KEYS = ("ca", "cert", "key", "verify", "server_name")
 _USER_KEYS = ("name", "password", "password_hash")
 _CLIENT_TLS_KEYS = ("cert", "key", "ca", "required")
 _ADMIN_KEYS = ("listen", "user", "password", "allow_remote")
+_EVENTS_KEYS = tuple(item.name for item in dataclasses.fields(EventsConfig))
+_HOOKS_KEYS = tuple(item.name for item in dataclasses.fields(HooksConfig))
+_TAG_NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
 _LIMIT_KEYS = tuple(item.name for item in dataclasses.fields(Limits))
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _PASSWORD_HASH = re.compile(r"^\*[0-9A-Fa-f]{40}$")
@@ -739,6 +775,8 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
     limits = _limits(ctx, raw.get("limits", {}))
     client_tls = _client_tls(ctx, raw["client_tls"]) if "client_tls" in raw else None
     admin = _admin(ctx, raw.get("admin", {}))
+    events = _events(ctx, raw.get("events", {}))
+    hooks = _hooks(ctx, raw.get("hooks", {}))
     routing = _routing(ctx, raw.get("routing", {}))
     backpressure = _backpressure(ctx, raw.get("backpressure", {}))
     rules = _rules(ctx, raw.get("rules", []), backends)
@@ -755,6 +793,8 @@ def _validate(raw: Raw, ctx: _Context) -> Config:
         load_users_from_backend=load_users,
         migrations_enabled=migrations_enabled,
         state_schema=state_schema,
+        events=events,
+        hooks=hooks,
         routing=routing,
         backpressure=backpressure,
         rules=rules,
@@ -1066,6 +1106,52 @@ def _check_replica_accounts(ctx: _Context, config: Config) -> None:
             )
 
 
+def _events(ctx: _Context, value: object) -> EventsConfig:
+    table = _table(ctx, "events", value, _EVENTS_KEYS)
+    defaults = EventsConfig()
+    file = defaults.file
+    if "file" in table:
+        file = _string(ctx, "events.file", table["file"], empty=True).strip()
+        if file not in ("", "-"):
+            parent = Path(file).expanduser().parent
+            if Path(file).is_dir():
+                raise ctx.error("events.file", f"{file} is a directory; name a file (or - for stderr)")
+            if not parent.is_dir():
+                raise ctx.error("events.file", f"directory {parent} does not exist")
+    keep = _integer(ctx, "events.keep", table["keep"], 1, 1_000_000) if "keep" in table else defaults.keep
+    trace_tags = defaults.trace_tags
+    if "trace_tags" in table:
+        raw = table["trace_tags"]
+        items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, list) else None
+        if items is None:
+            raise ctx.error("events.trace_tags", f"expected a list of comment tag names, got {_show(raw)}")
+        names = []
+        for index, item in enumerate(items):
+            name = _string(ctx, f"events.trace_tags[{index}]", item).strip().lower()
+            if not _TAG_NAME.match(name):
+                raise ctx.error(f"events.trace_tags[{index}]", f"not a comment tag name: {_show(item)}")
+            names.append(name)
+        trace_tags = tuple(dict.fromkeys(names))
+    return EventsConfig(file=file, keep=keep, trace_tags=trace_tags)
+
+
+def _hooks(ctx: _Context, value: object) -> HooksConfig:
+    from proxy.hooks import HookError, check_target
+
+    table = _table(ctx, "hooks", value, _HOOKS_KEYS)
+    values: dict[str, object] = {}
+    for name, raw in table.items():
+        key = f"hooks.{name}"
+        if name in ("timeout", "retry_interval"):
+            values[name] = _seconds(ctx, key, raw, zero=False)
+            continue
+        try:
+            values[name] = check_target(key, _string(ctx, key, raw, empty=True))
+        except HookError as error:
+            raise ctx.error(key, str(error).removeprefix(f"{key}: ")) from None
+    return dataclasses.replace(HooksConfig(), **values)  # type: ignore[arg-type]
+
+
 def _check_listeners(ctx: _Context, config: Config) -> None:
     """Two of our listeners on one port would fail at bind time with a vaguer message."""
     wildcard = ("0.0.0.0", "::", "")
@@ -1115,13 +1201,16 @@ _ENV_SCALARS: dict[str, str] = {
     **{f"TIDEGATE_ADMIN_{name.upper()}": f"admin.{name}" for name in _ADMIN_KEYS},
     **{f"TIDEGATE_CLIENT_TLS_{name.upper()}": f"client_tls.{name}" for name in _CLIENT_TLS_KEYS},
     **{f"TIDEGATE_LIMITS_{name.upper()}": f"limits.{name}" for name in _LIMIT_KEYS},
+    **{f"TIDEGATE_EVENTS_{name.upper()}": f"events.{name}" for name in _EVENTS_KEYS},
+    **{f"TIDEGATE_HOOKS_{name.upper()}": f"hooks.{name}" for name in _HOOKS_KEYS},
     "TIDEGATE_ROUTING_READ_WRITE_SPLIT": "routing.read_write_split",
     "TIDEGATE_ROUTING_MAX_REPLICA_LAG": "routing.max_replica_lag",
 }
 _ENV_OTHER = ("TIDEGATE_CONFIG", "TIDEGATE_BACKEND")
 _ENV_KNOWN = (*_ENV_SCALARS, *_ENV_OTHER)
 # Families whose every member we own: an unknown name in them is a typo.
-_ENV_OWNED_PREFIXES = ("TIDEGATE_ADMIN_", "TIDEGATE_CLIENT_TLS_", "TIDEGATE_LIMITS_")
+_ENV_OWNED_PREFIXES = ("TIDEGATE_ADMIN_", "TIDEGATE_CLIENT_TLS_", "TIDEGATE_LIMITS_", "TIDEGATE_EVENTS_",
+                       "TIDEGATE_HOOKS_")
 
 
 def _env_layer(env: Mapping[str, str]) -> _Layer:
@@ -1160,6 +1249,7 @@ _FLAG_SCALARS: dict[str, tuple[str, str, str]] = {
     "--admin-user": ("admin.user", "NAME", "admin port user (default admin)"),
     "--log-level": ("log_level", "LEVEL", "debug, info, warning, error or critical"),
     "--state-schema": ("state_schema", "NAME", "schema for migration state and sidecar coordination (default _tidegate)"),
+    "--events-file": ("events.file", "PATH", "event log as JSON lines: a file, or - for stderr (default: none)"),
     "--client-tls-cert": ("client_tls.cert", "PATH", "certificate offered to clients"),
     "--client-tls-key": ("client_tls.key", "PATH", "private key of --client-tls-cert"),
     "--client-tls-ca": ("client_tls.ca", "PATH", "CA to verify client certificates"),

@@ -216,6 +216,16 @@ class Control:
     async def sidecars(self) -> list[Row]:
         return list(await self._service().sidecars())
 
+    async def blockers(self) -> list[Row]:
+        """Who holds or waits for the lock of each table being migrated (``proxy.blockers``)."""
+        return list(await self._service().blockers())
+
+    def events(self) -> list[Row]:
+        """The last events of this sidecar (``proxy.events``), oldest first."""
+        from proxy.events import admin_rows
+
+        return admin_rows(self.app.events.tail())
+
     async def start_migration(self, schema: str, table: str, alter: str, options: dict[str, str] | None = None) -> int:
         return int(await self._service().request(schema, table, alter, options or {}))
 

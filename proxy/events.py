@@ -146,7 +146,7 @@ class EventLog:
 
 def admin_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Events as rows of the admin port's ``events`` table (newest last)."""
-    fixed = ("seq", "ts", "event", "sidecar", "migration", "table", "trace_id", "message")
+    fixed = ("seq", "ts", "event", "sidecar", "migration", "table", "trace_id")
     rows = []
     for record in records:
         row = {name: record.get(name) for name in fixed}

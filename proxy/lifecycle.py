@@ -9,10 +9,15 @@ those from the proxy side:
   events; the copy's end fires the ``row_copy_complete`` hook;
 * the gate adapter (``proxy.migrations``) brackets each attempt: the first
   one runs the ``before_cut_over`` hook (a veto keeps the migration
-  postponed), a refused hold (a drain that did not finish) and a database
-  lock that waits (``LOCK TABLES``/``RENAME`` blocked on the table's
-  metadata lock) get a blocker report (``proxy.blockers``) that goes to the
-  log, the events and the migration's ``last_cut_over_failure``;
+  postponed); a refused hold (a drain that did not finish) gets a blocker
+  report (``proxy.blockers``) that goes to the log, the events and the
+  migration's ``last_cut_over_failure``;
+* while the migration takes table locks (the ``INSTANT`` attempt, the
+  checksum snapshot, each cut-over attempt) ``_watch_locks`` looks for the
+  service account's statements on the table that wait for its metadata lock;
+  one that waits gets a blocker report too (``blocked_by`` in the progress
+  row, ``cutover.blocked``/``migration.blocked`` events, the failure reason
+  of the attempt it delays);
 * with ``kill_blockers_after`` (a per-migration option, off by default) a
   session that keeps blocking the cut-over that long is ended with ``KILL
   CONNECTION`` (its transaction rolls back; its client gets an error).
@@ -20,6 +25,7 @@ those from the proxy side:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -41,6 +47,8 @@ OPTIONS = ("kill_blockers_after",)
 #: a cut-over statement waiting this long on a metadata lock gets a blocker report
 REPORT_AFTER = 0.3
 WATCH_INTERVAL = 0.1
+#: phases in which the migrator takes locks on the table (copying only reads it)
+LOCKING_PHASES = ("validating", "verifying", "ready", "cutting_over")
 _DONE = re.compile(r"cut-over done on attempt (\d+) \(table held (\d+)ms")
 _ROLLED_BACK = re.compile(r"cut-over attempt (\d+) rolled back \((.*)\); retry in")
 _FINAL = ("complete", "failed", "cancelled")
@@ -124,8 +132,10 @@ class Lifecycle:
         self._attempt_report: Report | None = None
         self._attempt_started: float | None = None
         self._blocked_since: dict[int, float] = {}
-        self._watch_scope: trio.CancelScope | None = None
-        self._nursery: trio.Nursery | None = None
+        self._holding = False
+        #: the blocker chain while one of our lock requests on the table waits (None otherwise)
+        self.blocked_by: str | None = None
+        self._blocked_report: Report | None = None
         self._after_cut_over_fired = False
 
     @property
@@ -165,20 +175,21 @@ class Lifecycle:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hooks runner and progress watcher, until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             await nursery.start(self.hooks.run)
-            self.progress = progress()
+            self.progress = copy.copy(progress())
             self.emit("migration.start", alter=self.alter, resumed=self.resumed or None, leader=self.leader)
             self.hooks.fire("startup", self.facts(phase=self.progress.phase))
+            nursery.start_soon(self._watch_locks)
             task_status.started()
             await self._watch(progress)
 
     async def _watch(self, progress: Callable[[], Any]) -> None:
-        previous = self.progress
+        previous = copy.copy(self.progress)
         while True:
             await trio.sleep(WATCH_INTERVAL)
             try:
-                current = progress()
+                # progress() updates one object in place: compare copies
+                current = copy.copy(progress())
                 self.progress = current
                 self._compare(previous, current)
                 previous = current
@@ -279,47 +290,46 @@ class Lifecycle:
             await self._maybe_kill(report)
 
     def hold_acquired(self) -> None:
+        self._holding = True
         self.emit("cutover.held", seconds=self._attempt_seconds())
-        if self._nursery is not None:
-            if self._watch_scope is not None:
-                self._watch_scope.cancel()
-            self._watch_scope = trio.CancelScope()
-            self._nursery.start_soon(self._watch_lock, self._watch_scope)
 
     def released(self) -> None:
-        if self._watch_scope is not None:
-            self._watch_scope.cancel()
-            self._watch_scope = None
+        self._holding = False
         self.emit("cutover.released", seconds=self._attempt_seconds())
 
-    async def _watch_lock(self, scope: trio.CancelScope) -> None:
-        """While an attempt holds the sidecars: does our LOCK/RENAME wait on the table's lock?"""
-        try:
-            with scope:
-                await self._watch_lock_now()
-        except Exception as error:  # an observer never breaks the cut-over it watches
-            log.warning("migration %d: cut-over lock watch: %s", self.request_id, error)
-
-    async def _watch_lock_now(self) -> None:
+    async def _watch_locks(self) -> None:
+        """Does one of our lock requests on the table wait for its metadata lock?  Who holds it?"""
         while True:
-            await trio.sleep(WATCH_INTERVAL)
-            try:
-                waits = await blockers.migrator_waits(self.db, self.service_user, self.table, REPORT_AFTER)
-            except Exception as error:
-                log.info("migration %d: cannot watch the cut-over's lock: %s", self.request_id, error)
-                return
-            if not waits:
+            phase = getattr(self.progress, "phase", None)
+            if not self._holding and phase not in LOCKING_PHASES:
+                self.blocked_by = self._blocked_report = None
+                await trio.sleep(0.25)
                 continue
-            report = await self._report()
-            if report is None:
-                return
-            if self._attempt_report is None or _who(self._attempt_report) != _who(report):
-                self._attempt_report = report
-                log.warning("migration %d: cut-over blocked: %s", self.request_id, report.text())
-                self.emit("cutover.blocked", blockers=report.text(),
-                          sessions=[_compact(row) for row in report.rows[:10]])
-            await self._maybe_kill(report)
-            await trio.sleep(0.4)
+            await trio.sleep(WATCH_INTERVAL if self._holding else 0.25)
+            try:
+                await self._check_locks(str(phase))
+            except Exception as error:  # an observer never breaks the migration it watches
+                log.info("migration %d: cannot watch the table's locks: %s", self.request_id, error)
+                await trio.sleep(1)
+
+    async def _check_locks(self, phase: str) -> None:
+        waits = await blockers.migrator_waits(self.db, self.service_user, self.table, REPORT_AFTER)
+        if not waits:
+            self.blocked_by = self._blocked_report = None
+            return
+        report = await self._report()
+        if report is None:
+            return
+        if self._blocked_report is None or _who(self._blocked_report) != _who(report):
+            during = "cutover" if self._holding else "migration"
+            log.warning("migration %d: %s blocked: %s", self.request_id, during, report.text())
+            self.emit(f"{during}.blocked", phase=phase, statement=str(waits[0].get("INFO") or "")[:200],
+                      blockers=report.text(), sessions=[_compact(row) for row in report.rows[:10]])
+        self._blocked_report = report
+        self.blocked_by = report.text()
+        if self._holding:
+            self._attempt_report = report
+        await self._maybe_kill(report)
 
     async def _report(self) -> Report | None:
         try:
@@ -340,8 +350,9 @@ class Lifecycle:
         if self.kill_blockers_after is None:
             return
         now = trio.current_time()
+        # Never the service account's own connections; never a guess (may_hold).
         certain = [row for row in report.rows if row["role"] == "holding" and not row["migrator"]
-                   and row.get("processlist_id") is not None]
+                   and row.get("processlist_id") is not None and row.get("server_user") != self.service_user]
         current = {int(row["processlist_id"]) for row in certain}
         for process_id in list(self._blocked_since):
             if process_id not in current:

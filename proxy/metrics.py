@@ -264,6 +264,15 @@ class Metrics:
             ["backend"],
             registry=registry,
         )
+        self._traced = _Children(
+            Counter(
+                "tidegate_traced_statements",
+                "Statements carrying a trace context (events.trace_tags): seen, held by a cut-over, rejected.",
+                ["outcome"],
+                registry=registry,
+            ).labels,
+            ("seen", "held", "rejected"),
+        )
         self._rejections = Counter(
             "tidegate_rejections",
             "Statements answered with the lag backpressure error, by reason and tag.",
@@ -371,6 +380,10 @@ class Metrics:
         self.migration_progress.labels(migration).set(progress)
         self.migration_rows_copied.labels(migration).set(rows)
         self.migration_lag.labels(migration).set(lag)
+
+    def traced_statement(self, outcome: str) -> None:
+        """A statement with a trace id: ``seen`` (relayed), ``held`` or ``rejected``."""
+        self._traced[outcome].inc()
 
     def rejection(self, reason: str, tag: str) -> None:
         self._rejections.labels(reason, tag).inc()

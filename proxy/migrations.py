@@ -503,6 +503,7 @@ class MigrationService:
             if lifecycle.vetoed and progress.phase in ("ready", "postponed"):
                 row["phase"], row["postponed"] = "postponed", True
             row["postponed_by"] = lifecycle.vetoed
+            row["blocked_by"] = lifecycle.blocked_by
             row["last_refusal"] = lifecycle.last_failure or running.gate.last_refusal
             if self._in_child:
                 row["events"] = lifecycle.events.tail(EVENTS_IN_ROW)
@@ -601,6 +602,7 @@ class MigrationService:
                 "error": row["error"],
                 "message": progress.get("last_line"),
                 "postponed_by": progress.get("postponed_by"),
+                "blocked_by": progress.get("blocked_by"),
             })
         return out
 

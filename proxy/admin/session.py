@@ -177,6 +177,7 @@ class AdminSession(Session):  # type: ignore[misc]
         readers: dict[str, Callable[[], Awaitable[list[dict[str, Any]]]]] = {
             "migrations": control.migrations,
             "sidecars": control.sidecars,
+            "blockers": control.blockers,
         }
         reader = readers.get(table)
         if reader is None:

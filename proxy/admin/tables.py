@@ -250,6 +250,10 @@ MIGRATIONS = Table(
         _c("last_cut_over_failure", "TEXT", "why the last cut-over attempt was abandoned"),
         _c("error", "TEXT", "why it failed or was cancelled"),
         _c("message", "TEXT", "the migrator's last status line"),
+        _c("postponed_by", "TEXT", "why the cut-over waits besides postponed=1: a before_cut_over hook that "
+           "fails (retried until it succeeds)"),
+        _c("blocked_by", "TEXT", "while one of its lock requests on the table waits: who holds the lock "
+           "(see blockers)"),
     ),
     writable=MIGRATION_WRITABLE,
     open_ended=True,
@@ -274,8 +278,57 @@ SIDECARS = Table(
     open_ended=True,
 )
 
+BLOCKERS = Table(
+    "blockers",
+    "who holds or waits for the lock of each table being migrated, now: the server's view "
+    "(metadata locks, processlist, InnoDB transactions) and the client behind sidecar sessions",
+    (
+        _c("migration", "BIGINT", "migration id (NULL: a cut-over row without a request)"),
+        _c("table", "TEXT", "schema.table"),
+        _c("role", "TEXT", "holding (holds the table's metadata lock), may_hold (an open transaction the "
+           "server cannot place), waiting (the migration's own lock request), queued (waits behind it), "
+           "none (nobody in the way)"),
+        _c("processlist_id", "BIGINT", "the session's connection id on the server (KILL takes it)"),
+        _c("lock", "TEXT", "lock type and status, or why it counts as holding"),
+        _c("source", "TEXT", "metadata_locks, processlist, sidecar or innodb_trx"),
+        _c("migrator", "TINYINT", "1 for tidegate's own lock requests (the service account)"),
+        _c("server_user", "TEXT", "user on the server"),
+        _c("server_host", "TEXT", "client address the server sees (a sidecar's, for proxied sessions)"),
+        _c("command", "TEXT", "processlist command (Sleep: idle in its transaction)"),
+        _c("state", "TEXT", "processlist state"),
+        _c("seconds", "DOUBLE", "time in the current command"),
+        _c("statement", "TEXT", "statement running on the server"),
+        _c("transaction_seconds", "DOUBLE", "age of its open transaction"),
+        _c("transaction_rows_locked", "BIGINT", "rows its transaction locks (InnoDB)"),
+        _c("sidecar", "TEXT", "sidecar the session comes through (NULL: direct to the server)"),
+        _c("session_id", "BIGINT", "the session's id on that sidecar (its sessions.id)"),
+        _c("client_user", "TEXT", "application user behind the sidecar session"),
+        _c("client", "TEXT", "application address behind the sidecar session"),
+        _c("client_statement", "TEXT", "the session's current or last statement, as the sidecar saw it"),
+        _c("tags", "TEXT", "tidegate* connection attributes and comment tags (e.g. traceparent)"),
+        _c("notes", "TEXT", "which lock sources the server offered, and what it could not say"),
+    ),
+)
+
+EVENTS = Table(
+    "events",
+    "this sidecar's last events (migrations, cut-over attempts, holds, hooks, traced statements), "
+    "oldest first; the same as the JSON event log",
+    (
+        _c("seq", "BIGINT", "sequence number in this sidecar's log"),
+        _c("ts", "TEXT", "UTC time to the microsecond, e.g. 2025-01-31T12:00:00.123456Z"),
+        _c("event", "TEXT", "event name, e.g. cutover.refused, hold.release, statement.held"),
+        _c("sidecar", "TEXT", "sidecar that recorded it"),
+        _c("migration", "BIGINT", "migration id, for migration events"),
+        _c("table", "TEXT", "schema.table it concerns"),
+        _c("trace_id", "TEXT", "trace id of a held or rejected statement"),
+        _c("data", "TEXT", "the event's other fields (JSON object)"),
+    ),
+)
+
 TABLES: dict[str, Table] = {
-    table.name: table for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS, RULES)
+    table.name: table
+    for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS, RULES, BLOCKERS, EVENTS)
 }
 
 

@@ -1,0 +1,416 @@
+"""Who is in the way of a cut-over, the event log, and lifecycle hooks — against real sessions.
+
+Each test runs a real sidecar (``start_proxy``) in front of the test primary,
+starts an ``ADD COLUMN`` migration (``attempt_instant_ddl=off`` so it copies
+and cuts over, ``cut_over_lock_timeout_seconds=1`` so attempts are short) and
+puts a real session in its way: directly on the primary, or through the
+sidecar.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+import trio
+
+from proxy import sandbox
+from proxy.backends import Credentials, Endpoint
+from proxy.blockers import collect
+from proxy.fleet import ServiceDatabase
+from proxy.metrics import Metrics
+from tests.proxy.conftest import RunningProxy, start_proxy
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+FAST = "attempt_instant_ddl=off,cut_over_lock_timeout_seconds=1"
+MDL_INSTRUMENT = "wait/lock/metadata/sql/mdl"
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def admin(running: RunningProxy) -> pymysql.connections.Connection[Any]:
+    assert running.app.admin_listening is not None
+    host, port = running.app.admin_listening
+    return pymysql.connect(host=host, port=port, user="admin", password="", connect_timeout=5, autocommit=True)
+
+
+def query(connection: pymysql.connections.Connection[Any], sql: str) -> list[dict[str, Any]]:
+    with connection.cursor(pymysql.cursors.DictCursor) as cursor:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def events(running: RunningProxy, name: str | None = None) -> list[dict[str, Any]]:
+    records = running.call(lambda: running.app.events.tail())
+    return [r for r in records if name is None or r["event"] == name]
+
+
+def migration(connection: pymysql.connections.Connection[Any], migration_id: int) -> dict[str, Any]:
+    [row] = query(connection, f"SELECT * FROM migrations WHERE id = {migration_id}")
+    return row
+
+
+def start_migration(connection: pymysql.connections.Connection[Any], database: str, options: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO migrations (schema_name, table_name, alter_statement, options) "
+            f"VALUES ('{database}', 'items', 'ADD COLUMN note TEXT NULL', '{options}')"
+        )
+        return int(cursor.lastrowid)
+
+
+def make_table(primary: sandbox.Instance, database: str, rows: int = 50) -> None:
+    values = ", ".join(f"({i}, 'row {i}')" for i in range(1, rows + 1))
+    primary.execute(
+        f"CREATE TABLE `{database}`.items (id INT PRIMARY KEY, name VARCHAR(20))",
+        f"INSERT INTO `{database}`.items VALUES {values}",
+    )
+
+
+def through(running: RunningProxy, database: str) -> pymysql.connections.Connection[Any]:
+    return pymysql.connect(host=running.host, port=running.port, user="app", password="app-secret",
+                           database=database, autocommit=True, connect_timeout=5)
+
+
+def state_schema(tmp_path: Path) -> str:
+    """A state schema of the test's own: its fleet is this test's sidecar alone."""
+    return "_tg_ops_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)[-40:]
+
+
+@pytest.fixture
+def sidecar(primary: sandbox.Instance, app_user: tuple[str, str], tmp_path: Path) -> Iterator[RunningProxy]:
+    schema = state_schema(tmp_path)
+    running = start_proxy(["--backend", primary.dsn(), "--events-file", str(tmp_path / "events.jsonl"),
+                           "--state-schema", schema], metrics=Metrics(process_metrics=False))
+    try:
+        yield running
+    finally:
+        running.stop()
+        primary.execute(f"DROP DATABASE IF EXISTS `{schema}`")
+
+
+@pytest.fixture
+def mdl_instrument(primary: sandbox.Instance) -> Iterator[None]:
+    """performance_schema's metadata-lock instrument on (MariaDB ships it off)."""
+    primary.execute(f"UPDATE performance_schema.setup_instruments SET ENABLED = 'YES', TIMED = 'YES' "
+                    f"WHERE NAME = '{MDL_INSTRUMENT}'")
+    try:
+        yield
+    finally:
+        primary.execute(f"UPDATE performance_schema.setup_instruments SET ENABLED = 'NO', TIMED = 'NO' "
+                        f"WHERE NAME = '{MDL_INSTRUMENT}'")
+
+
+# ------------------------------------------------------------------------ who is in the way
+
+
+def test_report_without_a_lock_source_names_open_transactions(primary: sandbox.Instance, database: str) -> None:
+    """MariaDB's default: no metadata-lock source, so open transactions are candidates."""
+    make_table(primary, database, rows=3)
+    holder = primary.connect(database=database)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute("SELECT COUNT(*) FROM items")
+            cursor.execute("SELECT CONNECTION_ID()")
+            (holder_id,) = cursor.fetchone()
+
+        async def report() -> Any:
+            db = ServiceDatabase(Endpoint("primary", "127.0.0.1", primary.port),
+                                 Credentials.from_password(primary.user, primary.password))
+            try:
+                return await collect(db, database, "items", service_user="nobody")
+            finally:
+                await db.aclose()
+
+        result = trio.run(report)
+        [row] = [r for r in result.rows if r["processlist_id"] == holder_id]
+        assert row["role"] == "may_hold" and row["source"] == "innodb_trx"
+        assert row["command"] == "Sleep" and row["transaction_seconds"] >= 0
+        assert not result.exact and any("no metadata-lock source" in note for note in result.notes)
+        assert f"connection {holder_id} direct" in result.text()
+    finally:
+        holder.close()
+
+
+def test_direct_session_blocks_the_database_lock(
+    sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None, tmp_path: Path
+) -> None:
+    make_table(primary, database)
+    holder = primary.connect(database=database)  # bypasses every sidecar
+    with holder.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT COUNT(*) FROM items")
+        cursor.execute("SELECT CONNECTION_ID()")
+        (holder_id,) = cursor.fetchone()
+    control = admin(sidecar)
+    try:
+        migration_id = start_migration(control, database, FAST)
+        blocked = wait_for("a cut-over.blocked event", lambda: events(sidecar, "cutover.blocked"))
+        text = blocked[0]["blockers"]
+        assert f"connection {holder_id} direct" in text and "waits" in text, text
+        assert blocked[0]["migration"] == migration_id and blocked[0]["table"] == f"{database}.items"
+
+        # The admin port's live view names it too, exactly (the MDL instrument is on).
+        rows = query(control, f"SELECT * FROM blockers WHERE processlist_id = {holder_id}")
+        assert [(r["role"], r["source"], r["sidecar"]) for r in rows] == [("holding", "metadata_locks", None)]
+        assert rows[0]["migration"] == migration_id and "SHARED_READ" in rows[0]["lock"]
+        assert rows[0]["command"] == "Sleep" and rows[0]["transaction_seconds"] > 0
+
+        failure = wait_for("the failure reason", lambda: migration(control, migration_id)["last_cut_over_failure"])
+        assert f"connection {holder_id} direct" in failure and "lock not granted" in failure, failure
+
+        holder.commit()
+        final = wait_for("completion", lambda: (row := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and row)
+        assert final["state"] == "complete", final
+    finally:
+        holder.close()
+        control.close()
+
+    # The event log: JSON lines with microsecond UTC timestamps, in order.
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    names = [line["event"] for line in lines if line.get("migration") == migration_id]
+    for name in ("migration.start", "migration.phase", "cutover.hold", "cutover.held", "cutover.blocked",
+                 "cutover.rolled_back", "cutover.done", "migration.end"):
+        assert name in names, (name, names)
+    assert names.index("cutover.blocked") < names.index("cutover.rolled_back") < names.index("cutover.done")
+    assert all(len(line["ts"]) == 27 and line["ts"].endswith("Z") for line in lines)  # ...HH:MM:SS.ffffffZ
+    # a child leader's events arrive in batches (with their own timestamps): in order among themselves
+    stamps = [line["ts"] for line in lines if line.get("migration") == migration_id]
+    assert stamps == sorted(stamps)
+    phases = [(line["previous"], line["phase"]) for line in lines if line["event"] == "migration.phase"]
+    assert ("copying", "verifying") in phases or ("copying", "ready") in phases, phases
+    end = [line for line in lines if line["event"] == "migration.end"][-1]
+    assert end["state"] == "complete"
+    # each sidecar's own gate logged its holds
+    assert {"drain.start", "drain.end", "hold.start", "hold.release"} <= {line["event"] for line in lines}
+
+
+def test_sidecar_session_blocks_the_drain(sidecar: RunningProxy, primary: sandbox.Instance, database: str) -> None:
+    make_table(primary, database)
+    client = through(sidecar, database)
+    with client.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute(f"SELECT COUNT(*) FROM items /*controller='checkout',traceparent='{TRACEPARENT}'*/")
+        cursor.execute("SELECT CONNECTION_ID()")  # runs on the server: the backend connection's id
+        (backend_id,) = cursor.fetchone()
+    proxy = sidecar.proxy
+    [session] = sidecar.call(lambda: [{"id": r.session.connection_id, "peer": r.session.peer}
+                                      for r in proxy.relays.values()])
+    control = admin(sidecar)
+    stop = threading.Event()
+
+    def traced_reads() -> None:
+        """Another client whose reads carry a trace id: held while the drain runs."""
+        reader = through(sidecar, database)
+        with reader.cursor() as cursor:
+            while not stop.is_set():
+                cursor.execute(f"SELECT name FROM items WHERE id = 1 /*traceparent='{TRACEPARENT}'*/")
+                cursor.fetchall()
+                time.sleep(0.02)
+        reader.close()
+
+    worker = threading.Thread(target=traced_reads, daemon=True)
+    try:
+        migration_id = start_migration(control, database, FAST)
+        worker.start()
+        refused = wait_for("a cutover.refused event", lambda: events(sidecar, "cutover.refused"))
+        reason = refused[0]["reason"]
+        assert f"session {session['id']} app@{session['peer']}" in reason, reason
+        assert f"backend connection {backend_id}" in reason and "traceparent=" + TRACEPARENT in reason, reason
+        assert "controller=checkout" in reason and "open transaction touched" in reason, reason
+
+        rows = query(control, f"SELECT * FROM blockers WHERE processlist_id = {backend_id}")
+        assert len(rows) == 1, rows
+        row = rows[0]
+        assert (row["role"], row["source"], row["session_id"], row["client_user"], row["client"]) == (
+            "holding", "sidecar", session["id"], "app", session["peer"])
+        assert row["sidecar"] is not None and row["migration"] == migration_id
+        assert row["server_user"] == "app" and row["transaction_seconds"] > 0
+
+        failure = wait_for("the failure reason", lambda: migration(control, migration_id)["last_cut_over_failure"])
+        assert "drain did not finish" in failure and f"backend connection {backend_id}" in failure, failure
+
+        held = wait_for("a traced statement held", lambda: events(sidecar, "statement.held"))
+        assert held[0]["trace_id"] == TRACE_ID and held[0]["tables"] == [f"{database}.items"]
+        abandoned = wait_for("hold.abandon", lambda: events(sidecar, "hold.abandon"))
+        assert any(f"session {session['id']}" in b for b in abandoned[0]["blockers"])
+        event_rows = query(control, "SELECT event, trace_id FROM events WHERE event = 'statement.held'")
+        assert event_rows and event_rows[0]["trace_id"] == TRACE_ID
+
+        client.commit()
+        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and r)
+        assert final["state"] == "complete", final
+    finally:
+        stop.set()
+        worker.join(5)
+        client.close()
+        control.close()
+    metrics = sidecar.app.metrics
+    assert metrics is not None
+    body = metrics.render()[0].decode()
+    seen = [line for line in body.splitlines() if line.startswith('tidegate_traced_statements_total{outcome="seen"}')]
+    held_count = [line for line in body.splitlines()
+                  if line.startswith('tidegate_traced_statements_total{outcome="held"}')]
+    assert float(seen[0].split()[-1]) >= 2 and float(held_count[0].split()[-1]) >= 1
+
+
+def test_kill_blockers_after(
+    sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None
+) -> None:
+    """Off by default; with the option, a transaction that keeps blocking is ended (here it blocks the
+    checksum snapshot's lock: it writes the table).  Direct sessions are only killed when the server
+    names them as lock holders (here: the performance_schema instrument)."""
+    make_table(primary, database)
+    # The application's account (the service account's own connections are never killed).
+    holder = primary.connect(database=database, user="app", password="app-secret")
+    with holder.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("UPDATE items SET name = 'mine' WHERE id = 1")
+        cursor.execute("SELECT CONNECTION_ID()")
+        (holder_id,) = cursor.fetchone()
+    control = admin(sidecar)
+    try:
+        migration_id = start_migration(control, database, FAST + ",kill_blockers_after=1.5")
+        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and r, timeout=40)
+        assert final["state"] == "complete", final
+        [killed] = wait_for("the kill event", lambda: events(sidecar, "cutover.blocker_killed"))
+        assert killed["processlist_id"] == holder_id and killed["blocked_seconds"] >= 1.5
+        with pytest.raises(pymysql.err.OperationalError), holder.cursor() as cursor:
+            cursor.execute("SELECT 1")  # its connection was killed: the update rolled back
+        assert primary.execute(f"SELECT name FROM `{database}`.items WHERE id = 1") == [("row 1",)]
+    finally:
+        holder.close()
+        control.close()
+
+
+# ------------------------------------------------------------------------ hooks
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    bodies: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        _Recorder.bodies.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_hooks_fire_in_order_and_before_cut_over_vetoes(
+    primary: sandbox.Instance, app_user: tuple[str, str], database: str, tmp_path: Path
+) -> None:
+    make_table(primary, database)
+    log_file = tmp_path / "hooks.log"
+    go = tmp_path / "go"
+    record = (f'echo "$TIDEGATE_HOOK $TIDEGATE_MIGRATION_ID $TIDEGATE_MIGRATION_SCHEMA $TIDEGATE_MIGRATION_TABLE '
+              f'$TIDEGATE_MIGRATION_PHASE $TIDEGATE_MIGRATION_ROWS_COPIED [$TIDEGATE_MIGRATION_ALTER]" >> {log_file}')
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.bodies = []
+    config = tmp_path / "tidegate.toml"
+    config.write_text(
+        "[hooks]\n"
+        f"startup = '{record}'\n"
+        f"row_copy_complete = '{record}'\n"
+        f"success = '{record}'\n"
+        f"failure = '{record}'\n"
+        "before_cut_over = 'exit 3'\n"  # replaced per migration below
+        f"after_cut_over = 'http://127.0.0.1:{server.server_address[1]}/after'\n"
+        "timeout = 5\n"
+    )
+    schema = state_schema(tmp_path)
+    running = start_proxy(["--backend", primary.dsn(), "--config", str(config), "--state-schema", schema])
+    control = admin(running)
+    try:
+        # Vetoes until the pipeline has rolled its code (here: until the file exists).
+        veto = f"{record}; test -f {go}"
+        migration_id = trio.from_thread.run(
+            running.app.migrations.request, database, "items", "ADD COLUMN note TEXT NULL",
+            {"attempt_instant_ddl": "off", "cut_over_lock_timeout_seconds": "1",
+             "hook_before_cut_over": veto, "hook_retry_interval": "0.3"},
+            trio_token=running.token,
+        )
+        row = wait_for("postponed by the hook", lambda: (r := migration(control, migration_id))["state"] ==
+                       "postponed" and r)
+        assert row["postponed_by"].startswith("hook before_cut_over: exit code 1"), row
+        status = wait_for("/status to say ready", lambda: [
+            m for m in running.call(running.app.status)["migrations"]
+            if m["id"] == migration_id and m["ready_to_cut_over"] and m["postponed_by"]])
+        assert status[0]["state"] == "postponed"
+        time.sleep(1.0)  # a few vetoes, each retried
+        assert migration(control, migration_id)["state"] == "postponed"
+        assert [r for r in (tmp_path / "hooks.log").read_text().splitlines() if r.startswith("before_cut_over")]
+
+        go.touch()
+        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and r)
+        assert final["state"] == "complete", final
+        wait_for("the success hook", lambda: "success" in log_file.read_text())
+    finally:
+        control.close()
+        running.stop()
+        server.shutdown()
+        primary.execute(f"DROP DATABASE IF EXISTS `{schema}`")
+
+    lines = log_file.read_text().splitlines()
+    hooks = [line.split()[0] for line in lines]
+    vetoes = hooks.count("before_cut_over")
+    assert vetoes >= 2, lines
+    assert hooks == ["startup", "row_copy_complete", *["before_cut_over"] * vetoes, "success"], lines
+    first = lines[0].split()
+    assert first[1:4] == [str(migration_id), database, "items"], lines[0]
+    assert lines[0].endswith("[ADD COLUMN note TEXT NULL]")
+    copy_done = lines[1].split()
+    assert copy_done[5] == "50", lines[1]  # rows copied
+    assert lines[-1].split()[4] == "complete"
+    # the URL hook got the facts as JSON, after the cut-over and before success
+    [body] = _Recorder.bodies
+    assert body["hook"] == "after_cut_over" and body["id"] == migration_id and body["table"] == "items"
+    assert body["alter"] == "ADD COLUMN note TEXT NULL" and body["rows_copied"] == 50
+    veto_events = [e for e in running.app.events.tail() if e["event"] == "hook.veto"]
+    assert len(veto_events) >= 2 and veto_events[0]["migration"] == migration_id
+
+
+def test_bad_hook_options_are_refused_at_request(sidecar: RunningProxy, database: str) -> None:
+    control = admin(sidecar)
+    try:
+        for options, expected in (
+            ("hook_success=ftp://example.com/x", "hook_success: a URL hook must be http"),
+            ("hook_timeout=0", "hook_timeout: must be more than 0"),
+            ("kill_blockers_after=soon", "kill_blockers_after: expected seconds"),
+        ):
+            with pytest.raises(pymysql.err.OperationalError) as error, control.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO migrations (schema_name, table_name, alter_statement, options) "
+                    f"VALUES ('{database}', 'items', 'ADD COLUMN c INT', '{options}')"
+                )
+            assert expected in str(error.value), (options, error.value)
+    finally:
+        control.close()
+
