@@ -171,7 +171,10 @@ class BackendConnection:
         while True:
             packet = await self._read_packet()
             first = packet.first
-            if first == 0xFE and len(packet.payload) < 9:
+            size = len(packet.payload)
+            if first == 0xFE and (size < 9 or (deprecate_eof and size < 0xFFFFFF)):
+                if deprecate_eof:
+                    self.status = Ok.parse(packet.payload, self.capabilities).status
                 break
             if first == 0xFF:
                 raise BackendError(Err.parse(packet.payload))

@@ -73,6 +73,8 @@ _KILL = re.compile(
     rb"\s*KILL\s+((?:HARD\s+|SOFT\s+)?(?:CONNECTION\s+|QUERY\s+)?(?:ID\s+)?)(\d+)\s*;?\s*$", re.IGNORECASE
 )
 _COM_PROCESS_KILL = 0x0C
+_USE_ANYWHERE = re.compile(rb"(?:\A|(?<=\x03)|;)\s*use\s", re.IGNORECASE)
+_DB_DROPPED = int(Status.DB_DROPPED)
 
 
 class MetricsSink(Protocol):
@@ -725,12 +727,16 @@ class Relay:
                     if gate.holds:
                         await self._admit()
                     ok = await self._relay_command(packet, command)
+                if session.status & _DB_DROPPED:
+                    session.schema = None  # the current schema was dropped
                 if ok:
                     head = payload[1:4]
                     if head == b"USE" or head == b"use" or head.lower() == b"use" or payload[1:2].isspace():
                         target = use_target(payload[1:])
                         if target is not None:
                             session.schema = target
+                if b";" in payload and _USE_ANYWHERE.search(payload, 1):
+                    await self._refresh_schema()  # a USE inside a multi-statement batch
             elif command in NO_RESPONSE:
                 if command == Command.QUIT:
                     return
@@ -1011,6 +1017,20 @@ class Relay:
         mask = rules.session_mask(session.user, session.schema, session.attributes)
         self._mask_key = (rules, session.schema, session.user, mask)
         return mask
+
+    async def _refresh_schema(self) -> None:
+        """Ask the backend which schema is current (rare: multi-statement USE)."""
+        backend = self.backend
+        if backend is None:
+            return
+        try:
+            result = await backend.query("SELECT DATABASE()")
+        except (BackendError, BackendUnavailable, ConnectionClosed, ProtocolError) as error:
+            log.info("client %s: could not read the current schema: %s", self.session.peer, error)
+            return
+        rows = result.text_rows()
+        if rows:
+            self.session.schema = rows[0][0]
 
     def _translate_kill(self, command: int, payload: bytes) -> bytes | None:
         """``KILL [QUERY] <id>`` / COM_PROCESS_KILL naming one of *our* session ids

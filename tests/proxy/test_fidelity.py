@@ -901,7 +901,6 @@ async def test_rollback_with_autocommit_off_ends_the_transaction(
         await raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="relay misses USE inside a multi-statement batch")
 async def test_schema_tracked_through_multi_statement_use(
     tidegate: RunningProxy, primary: sandbox.Instance, database: str
 ) -> None:
@@ -913,9 +912,6 @@ async def test_schema_tracked_through_multi_statement_use(
         await raw.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="relay keeps the schema after DROP DATABASE of the current one"
-)
 async def test_schema_tracked_through_drop_database(
     tidegate: RunningProxy, primary: sandbox.Instance, database: str
 ) -> None:
