@@ -68,8 +68,10 @@ STATES = ("pending", "validating", "copying", "verifying", "ready", "postponed",
           "complete", "failed", "cancelled")
 #: options the sidecar handles itself (hooks, killing blockers); the rest go to the migrator
 PROXY_OPTIONS = (*HOOK_OPTIONS, *LIFECYCLE_OPTIONS)
-#: a child leader's events that ride along in its progress row (the sidecar relays them)
+#: a child leader's events that ride along in its progress row (the sidecar relays them):
+#: at most this many, and this many bytes of JSON (the column is a TEXT)
 EVENTS_IN_ROW = 50
+EVENTS_ROW_BYTES = 24_000
 #: environment variable a child leader gets the sidecar's hook settings in
 LEAD_OPTIONS_ENV = "TIDEGATE_LEAD_OPTIONS"
 
@@ -506,7 +508,7 @@ class MigrationService:
             row["blocked_by"] = lifecycle.blocked_by
             row["last_refusal"] = lifecycle.last_failure or running.gate.last_refusal
             if self._in_child:
-                row["events"] = lifecycle.events.tail(EVENTS_IN_ROW)
+                row["events"] = _newest_within(lifecycle.events.tail(EVENTS_IN_ROW), EVENTS_ROW_BYTES)
         running.progress = row
         if self._on_progress is not None:
             self._on_progress(running.request_id, progress)
@@ -730,6 +732,17 @@ class MigrationService:
         )
         for name, value in json.loads(control):
             self._apply(running, str(name), value)
+
+
+def _newest_within(records: builtins.list[dict[str, Any]], budget: int) -> builtins.list[dict[str, Any]]:
+    """The newest records whose JSON fits in ``budget`` bytes, oldest first."""
+    kept: builtins.list[dict[str, Any]] = []
+    for record in reversed(records):
+        budget -= len(json.dumps(record, default=str))
+        if budget < 0:
+            break
+        kept.append(record)
+    return kept[::-1]
 
 
 def summary(row: tuple[str | None, ...]) -> dict[str, Any]:

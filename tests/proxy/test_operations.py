@@ -276,6 +276,51 @@ def test_sidecar_session_blocks_the_drain(sidecar: RunningProxy, primary: sandbo
     assert float(seen[0].split()[-1]) >= 2 and float(held_count[0].split()[-1]) >= 1
 
 
+def test_instant_change_blocked(
+    sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None
+) -> None:
+    """An INSTANT change that waits on the metadata lock is reported too (then falls back to a copy)."""
+    make_table(primary, database, rows=3)
+    holder = primary.connect(database=database, user="app", password="app-secret")
+    with holder.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT COUNT(*) FROM items")
+        cursor.execute("SELECT CONNECTION_ID()")
+        (holder_id,) = cursor.fetchone()
+    control = admin(sidecar)
+    try:
+        migration_id = start_migration(control, database, "cut_over_lock_timeout_seconds=1")
+        [blocked, *_] = wait_for("migration.blocked", lambda: events(sidecar, "migration.blocked"))
+        assert blocked["phase"] == "validating" and "ALGORITHM=INSTANT" in blocked["statement"], blocked
+        assert f"connection {holder_id} direct (app@" in blocked["blockers"], blocked
+        row = migration(control, migration_id)
+        assert row["blocked_by"] is None or f"connection {holder_id}" in row["blocked_by"]
+        holder.commit()
+        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and r)
+        assert final["state"] == "complete", final
+    finally:
+        holder.close()
+        control.close()
+
+
+def test_rejected_statement_is_logged_with_its_trace_id(sidecar: RunningProxy, database: str) -> None:
+    control = admin(sidecar)
+    client = through(sidecar, database)
+    try:
+        with control.cursor() as cursor:
+            cursor.execute("INSERT INTO rules (id, `match`, reject) VALUES (7, 'forbidden_table', 'not here')")
+            cursor.execute("APPLY RULES")
+        with pytest.raises(pymysql.err.OperationalError) as error, client.cursor() as cursor:
+            cursor.execute(f"SELECT * FROM forbidden_table /*traceparent='{TRACEPARENT}'*/")
+        assert error.value.args[0] == 1148
+        [rejected] = events(sidecar, "statement.rejected")
+        assert rejected["trace_id"] == TRACE_ID and rejected["reason"] == "not here" and rejected["rule"] == 7
+    finally:
+        client.close()
+        control.close()
+
+
 def test_kill_blockers_after(
     sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None
 ) -> None:
@@ -363,7 +408,11 @@ def test_hooks_fire_in_order_and_before_cut_over_vetoes(
             m for m in running.call(running.app.status)["migrations"]
             if m["id"] == migration_id and m["ready_to_cut_over"] and m["postponed_by"]])
         assert status[0]["state"] == "postponed"
-        time.sleep(1.0)  # a few vetoes, each retried
+        with control.cursor() as cursor:  # throttle on/off with a reason: migration events
+            cursor.execute(f"THROTTLE MIGRATION {migration_id} 'nightly backup'")
+            time.sleep(0.5)
+            cursor.execute(f"UNTHROTTLE MIGRATION {migration_id}")
+        time.sleep(0.5)  # a few vetoes, each retried
         assert migration(control, migration_id)["state"] == "postponed"
         assert [r for r in (tmp_path / "hooks.log").read_text().splitlines() if r.startswith("before_cut_over")]
 
@@ -393,8 +442,14 @@ def test_hooks_fire_in_order_and_before_cut_over_vetoes(
     [body] = _Recorder.bodies
     assert body["hook"] == "after_cut_over" and body["id"] == migration_id and body["table"] == "items"
     assert body["alter"] == "ADD COLUMN note TEXT NULL" and body["rows_copied"] == 50
-    veto_events = [e for e in running.app.events.tail() if e["event"] == "hook.veto"]
+    recorded = running.app.events.tail()
+    veto_events = [e for e in recorded if e["event"] == "hook.veto"]
     assert len(veto_events) >= 2 and veto_events[0]["migration"] == migration_id
+    throttles = [(e["throttled"], e["reason"]) for e in recorded if e["event"] == "migration.throttle"]
+    assert throttles == [(True, "nightly backup"), (False, "nightly backup")], throttles
+    hooks_run = [(e["event"], e["hook"]) for e in recorded if e["event"] in ("hook.ok", "hook.failed")]
+    assert hooks_run[0] == ("hook.ok", "startup") and hooks_run[-1] == ("hook.ok", "success"), hooks_run
+    assert ("hook.ok", "after_cut_over") in hooks_run and ("hook.failed", "before_cut_over") in hooks_run
 
 
 def test_bad_hook_options_are_refused_at_request(sidecar: RunningProxy, database: str) -> None:
