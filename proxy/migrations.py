@@ -331,7 +331,7 @@ class MigrationService:
                 if scope.cancelled_caught:
                     state = "running" if self._orphaned else "cancelled"
             except Exception as failure:
-                failure_text = f"{type(failure).__name__}: {failure}"
+                failure_text = describe_failure(failure)
                 log.error("migration %d failed: %s", request_id, failure_text)
             finally:
                 with trio.CancelScope(shield=True):
@@ -343,6 +343,9 @@ class MigrationService:
                     progress = self._progress_row(running, lines)
                     if state != "running":  # an orphaned leader leaves it resumable
                         error_text = failure_text or (lines[-1] if state != "complete" and lines else None)
+                        report = lifecycle.last_report
+                        if state == "failed" and report is not None and report.rows and error_text:
+                            error_text += f"; last blocker report: {report.text()}"
                         await self._finish_request(request_id, state, error_text, progress)
                         # success/failure hooks, then their events into the row for the sidecar
                         with trio.move_on_after(hooks.timeout + 1):
@@ -732,6 +735,15 @@ class MigrationService:
         )
         for name, value in json.loads(control):
             self._apply(running, str(name), value)
+
+
+def describe_failure(error: BaseException) -> str:
+    """``MigrationFailed: …`` rather than ``ExceptionGroup: Exceptions from Trio nursery``."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(describe_failure(inner) for inner in error.exceptions)
+    return f"{type(error).__name__}: {error}"
 
 
 def _newest_within(records: builtins.list[dict[str, Any]], budget: int) -> builtins.list[dict[str, Any]]:

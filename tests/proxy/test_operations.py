@@ -276,6 +276,28 @@ def test_sidecar_session_blocks_the_drain(sidecar: RunningProxy, primary: sandbo
     assert float(seen[0].split()[-1]) >= 2 and float(held_count[0].split()[-1]) >= 1
 
 
+def test_failure_reason_names_the_blocker(sidecar: RunningProxy, primary: sandbox.Instance, database: str) -> None:
+    make_table(primary, database, rows=3)
+    holder = primary.connect(database=database)
+    with holder.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT COUNT(*) FROM items")
+        cursor.execute("SELECT CONNECTION_ID()")
+        (holder_id,) = cursor.fetchone()
+    control = admin(sidecar)
+    try:
+        migration_id = start_migration(control, database, FAST + ",cut_over_max_attempts=1")
+        final = wait_for("the failure", lambda: (r := migration(control, migration_id))["state"] in
+                         ("complete", "failed") and r)
+        assert final["state"] == "failed", final
+        assert "cut-over failed 1 times" in final["error"] and f"connection {holder_id}" in final["error"], final
+        [end] = wait_for("migration.end", lambda: events(sidecar, "migration.end"))
+        assert end["state"] == "failed" and f"connection {holder_id}" in end["error"]
+    finally:
+        holder.close()
+        control.close()
+
+
 def test_instant_change_blocked(
     sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None
 ) -> None:
