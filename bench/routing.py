@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", type=int, default=4, help="sysbench tables (4)")
     parser.add_argument("--ps-modes", default="disable,auto", help="sysbench --db-ps-mode values (disable,auto)")
     parser.add_argument("--baseline", type=Path, help="another checkout whose proxy is the 'before'")
+    parser.add_argument("--variants", default="baseline,none,rules20,split",
+                        help="which proxies to measure (baseline,none,rules20,split; none is always in)")
     args = parser.parse_args(argv)
     if not shutil.which("sysbench"):
         print("sysbench not found: apt-get install -y sysbench", file=sys.stderr)
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {bench_proxy.load_average()} ({os.cpu_count()} CPUs)")
     with sandbox.Sandbox() as box:
         primary = box.start_primary()
-        replica = box.start_replica(primary)
+        replica = box.start_replica(primary) if "split" in args.variants else None
         primary.execute(
             f"CREATE DATABASE {SCHEMA}",
             f"CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'",
@@ -242,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             [*bench_proxy.sysbench_command("oltp_read_write", "127.0.0.1", primary.port, args), "prepare"],
             check=True, capture_output=True,
         )  # fmt: skip
-        sandbox.wait_replica_caught_up(primary, replica)
-        print(f"primary :{primary.port}, replica :{replica.port}; {args.tables} x {args.table_size} rows")
+        if replica is not None:
+            sandbox.wait_replica_caught_up(primary, replica)
+        print(f"primary :{primary.port}, replica :{replica.port if replica else '-'}; "
+              f"{args.tables} x {args.table_size} rows")
         primary_dsn = f"mysql://root:root@127.0.0.1:{primary.port}"
-        replica_dsn = f"mysql://root:root@127.0.0.1:{replica.port}?role=replica&name=replica1"
+        replica_dsn = f"mysql://root:root@127.0.0.1:{replica.port if replica else 0}?role=replica&name=replica1"
         variants = []
         if args.baseline is not None:
             variants.append(Variant("baseline", args.baseline.resolve(), [primary_dsn]))
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             Variant("rules20", ROOT, [primary_dsn], RULES_20),
             Variant("split", ROOT, [primary_dsn, replica_dsn], "[routing]\nread_write_split = true\n"),
         ]
+        wanted = {name.strip() for name in args.variants.split(",")} | {"none"}
+        variants = [variant for variant in variants if variant.name in wanted]
         try:
             for variant in variants:
                 start(variant, box)
