@@ -54,6 +54,8 @@ class Control:
                     "prepared_statements": len(session.prepared),
                     "connected_seconds": round(now - session.connected_at, 3),
                     "tags": ",".join(f"{k}={v}" for k, v in session.attributes.items() if k.startswith("tidegate")),
+                    "replica": relay.replica.name if relay.replica is not None else None,
+                    "pinned": relay.pinned,
                 }
             )
         return rows

@@ -120,6 +120,8 @@ SESSIONS = Table(
         _c("prepared_statements", "BIGINT", "open prepared statements"),
         _c("connected_seconds", "DOUBLE", "age of the connection"),
         _c("tags", "TEXT", "tidegate* connection attributes, k=v,..."),
+        _c("replica", "TEXT", "replica the session's reads go to (its connection there), if any"),
+        _c("pinned", "TEXT", "why the session's reads stay on the primary (session state), if they do"),
     ),
 )
 

@@ -81,6 +81,14 @@ def one(connection: Connection[Any], sql: str) -> Any:
     return row[0]
 
 
+def one_row(connection: Connection[Any], sql: str) -> tuple[Any, ...]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        rows = cursor.fetchall()
+    assert len(rows) == 1, rows
+    return tuple(rows[0])
+
+
 def server_of(connection: Connection[Any], sql: str = "SELECT @@server_id") -> int:
     return int(one(connection, sql))
 
@@ -130,11 +138,16 @@ def test_reads_go_to_the_replica_writes_and_transactions_to_the_primary(
             cursor.execute("SET NAMES latin1")
             cursor.execute("SELECT @@server_id, @@character_set_client")
             assert cursor.fetchone() == (REPLICA_ID, "latin1")
+        control = admin(routed)
+        where = f"SELECT replica, pinned FROM sessions WHERE `schema` = '{database}'"
+        assert one_row(control, where) == ("replica1", None)
         # any other session state pins the session to the primary
         with connection.cursor() as cursor:
             cursor.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
         assert server_of(connection) == PRIMARY_ID
         assert one(connection, "SELECT @@sql_mode") == "ANSI_QUOTES"
+        assert one_row(control, where) == (None, "SET")
+        control.close()
     finally:
         connection.close()
 
@@ -335,3 +348,40 @@ def test_lag_moves_reads_to_the_primary_and_sheds_writes_until_it_recovers(
     assert server_of(connection) == REPLICA_ID
     connection.close()
     control.close()
+
+
+def test_a_cut_over_hold_applies_to_reads_bound_for_the_replica(
+    routed: RunningProxy, primary: sandbox.Instance, replica: sandbox.Instance, database: str
+) -> None:
+    import functools
+    import threading
+
+    import trio
+
+    primary.execute(f"CREATE TABLE `{database}`.h (id INT PRIMARY KEY)", f"INSERT INTO `{database}`.h VALUES (1)")
+    sandbox.wait_replica_caught_up(primary, replica)
+    connection = client(routed, database)
+    gate = routed.proxy.gate
+
+    def run(function: Any) -> Any:
+        return trio.from_thread.run(function, trio_token=routed.token)
+
+    try:
+        assert server_of(connection, "SELECT @@server_id FROM h") == REPLICA_ID
+        assert run(functools.partial(gate.hold, database, "h", drain_timeout=5.0, hold_timeout=10.0))
+        box: dict[str, Any] = {}
+
+        def read() -> None:
+            started = time.monotonic()
+            box["server"] = server_of(connection, "SELECT @@server_id FROM h WHERE id = 1")
+            box["seconds"] = time.monotonic() - started
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        assert "server" not in box  # held at the gate, though it would run on the replica
+        run(functools.partial(gate.release, database, "h"))
+        reader.join(10)
+        assert box["server"] == REPLICA_ID and box["seconds"] >= 0.45
+    finally:
+        connection.close()
