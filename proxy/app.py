@@ -332,7 +332,7 @@ class App:
             on_progress=on_progress, on_cutover=on_cutover, events=self.events, local_sessions=sessions,
             hooks=HookSettings(
                 {name: getattr(hooks, name) for name in HOOKS if getattr(hooks, name)},
-                hooks.timeout, hooks.retry_interval,
+                hooks.timeout, hooks.retry_interval, hooks.allow_option_commands,
             ),
         )
         proxy.gate.set_dependents(service.dependents)

@@ -198,6 +198,8 @@ class HooksConfig:
     failure: str = ""
     timeout: float = 30.0
     retry_interval: float = 10.0
+    #: migration options may name commands, not only URLs (they run a shell on this sidecar)
+    allow_option_commands: bool = False
 
 
 @dataclass(frozen=True)
@@ -1144,6 +1146,9 @@ def _hooks(ctx: _Context, value: object) -> HooksConfig:
         key = f"hooks.{name}"
         if name in ("timeout", "retry_interval"):
             values[name] = _seconds(ctx, key, raw, zero=False)
+            continue
+        if name == "allow_option_commands":
+            values[name] = _boolean(ctx, key, raw)
             continue
         try:
             values[name] = check_target(key, _string(ctx, key, raw, empty=True))

@@ -21,6 +21,12 @@ only ``before_cut_over`` holds the migration up.  Configured globally
 (``[hooks]`` in the configuration) and per migration (options
 ``hook_<name>='command or URL'``, an empty value switches the global one off,
 ``hook_timeout``, ``hook_retry_interval``).
+
+A command given in a migration's options runs a shell on whichever sidecar
+leads it, and the request travels through the state schema, which anyone
+who can write that table can fill: such commands run only where the
+sidecar's own configuration says ``hooks.allow_option_commands = true``.
+URLs from options are always allowed.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class HookError(ValueError):
     """A hook setting that cannot work; the message names it."""
 
 
+def is_url(target: str) -> bool:
+    return "://" in target.split()[0] if target.strip() else False
+
+
 def check_target(name: str, target: str) -> str:
     """A command, or an http(s) URL with a host; raises ``HookError`` naming ``name``."""
     text = target.strip()
@@ -83,6 +93,8 @@ class HookSettings:
     targets: Mapping[str, str] = field(default_factory=dict)
     timeout: float = 30.0
     retry_interval: float = 10.0
+    #: commands (not only URLs) may come from a migration's options
+    allow_option_commands: bool = False
 
     def target(self, name: str) -> str:
         return self.targets.get(name, "")
@@ -94,6 +106,12 @@ class HookSettings:
             key = f"hook_{name}"
             if key in options:
                 targets[name] = check_target(key, options[key])
+                if targets[name] and not is_url(targets[name]) and not self.allow_option_commands:
+                    raise HookError(
+                        f"{key}: a command from migration options runs a shell on the leading sidecar; "
+                        "its configuration must allow it (hooks.allow_option_commands = true), or give an "
+                        "http(s):// URL, or configure the command in [hooks]"
+                    )
         timeout = check_seconds("hook_timeout", options["hook_timeout"]) if "hook_timeout" in options \
             else self.timeout
         retry = check_seconds("hook_retry_interval", options["hook_retry_interval"]) \
@@ -102,7 +120,8 @@ class HookSettings:
 
     def to_json(self) -> str:
         return json.dumps({"targets": dict(self.targets), "timeout": self.timeout,
-                           "retry_interval": self.retry_interval})
+                           "retry_interval": self.retry_interval,
+                           "allow_option_commands": self.allow_option_commands})
 
     @classmethod
     def from_json(cls, text: str | None) -> HookSettings:
@@ -110,7 +129,7 @@ class HookSettings:
             return cls()
         data = json.loads(text)
         return cls(dict(data.get("targets") or {}), float(data.get("timeout", 30.0)),
-                   float(data.get("retry_interval", 10.0)))
+                   float(data.get("retry_interval", 10.0)), bool(data.get("allow_option_commands", False)))
 
 
 @dataclass
@@ -135,7 +154,7 @@ async def run_hook(hook: str, target: str, facts: Mapping[str, Any], timeout: fl
     started = time.monotonic()
     try:
         with trio.fail_after(timeout):
-            if "://" in target.split()[0]:
+            if is_url(target):
                 ok, detail = await _call(hook, target, facts, timeout)
             else:
                 ok, detail = await _command(hook, target, facts)
@@ -243,7 +262,7 @@ class Hooks:
 
 def _redact(target: str) -> str:
     """A URL without its credentials; a command as written (its first 200 characters)."""
-    if "://" in target.split()[0]:
+    if is_url(target):
         parts = urllib.parse.urlsplit(target)
         netloc = parts.hostname or ""
         if parts.port:

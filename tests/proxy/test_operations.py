@@ -410,6 +410,7 @@ def test_hooks_fire_in_order_and_before_cut_over_vetoes(
         "before_cut_over = 'exit 3'\n"  # replaced per migration below
         f"after_cut_over = 'http://127.0.0.1:{server.server_address[1]}/after'\n"
         "timeout = 5\n"
+        "allow_option_commands = true\n"  # the veto below is a command given in the migration's options
     )
     schema = state_schema(tmp_path)
     running = start_proxy(["--backend", primary.dsn(), "--config", str(config), "--state-schema", schema])
@@ -481,6 +482,8 @@ def test_bad_hook_options_are_refused_at_request(sidecar: RunningProxy, database
             ("hook_success=ftp://example.com/x", "hook_success: a URL hook must be http"),
             ("hook_timeout=0", "hook_timeout: must be more than 0"),
             ("kill_blockers_after=soon", "kill_blockers_after: expected seconds"),
+            # not allowed by this sidecar's configuration: a shell command from the state schema
+            ("hook_failure=\"touch /tmp/x\"", "hook_failure: a command from migration options runs a shell"),
         ):
             with pytest.raises(pymysql.err.OperationalError) as error, control.cursor() as cursor:
                 cursor.execute(
