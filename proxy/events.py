@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, Protocol
@@ -37,6 +38,9 @@ log = logging.getLogger("tidegate.events")
 
 #: strings longer than this are cut in events (a blocker chain, a statement)
 MAX_TEXT = 1500
+#: ``statement.*`` events (one per held or rejected statement) kept per second; a busy
+#: hold could otherwise write thousands.  The next one kept says how many were left out.
+STATEMENT_EVENTS_PER_SECOND = 100
 
 
 def timestamp() -> str:
@@ -83,6 +87,9 @@ class EventLog:
         self.sequence = 0
         self._stream: IO[str] | None = None
         self._failed = False
+        self._window = 0
+        self._in_window = 0
+        self._suppressed = 0
 
     def _open(self) -> IO[str] | None:
         if self._stream is None and self.path is not None and not self._failed:
@@ -97,6 +104,16 @@ class EventLog:
         return self._stream
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event.startswith("statement."):
+            second = int(time.monotonic())
+            if second != self._window:
+                self._window, self._in_window = second, 0
+            self._in_window += 1
+            if self._in_window > STATEMENT_EVENTS_PER_SECOND:
+                self._suppressed += 1
+                return {}
+            if self._suppressed:
+                fields["suppressed_before"], self._suppressed = self._suppressed, 0
         record: dict[str, Any] = {"ts": timestamp(), "event": event}
         if self.source is not None:
             record["sidecar"] = self.source

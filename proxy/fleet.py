@@ -369,7 +369,8 @@ class Fleet:
         if self.sessions is None or not blocking:
             return "; ".join(reasons)
         try:
-            with trio.move_on_after(1):
+            # bounded well inside the leader's ack margin (0.5 s after the drain timeout)
+            with trio.move_on_after(0.25):
                 sessions = {s.session_id: s for s in await self.publish_sessions(sorted(self._cutovers | {key}))}
                 from proxy.blockers import describe_client
 
