@@ -494,3 +494,89 @@ def test_bad_hook_options_are_refused_at_request(sidecar: RunningProxy, database
     finally:
         control.close()
 
+
+
+# ------------------------------------------------------------------------ pure pieces
+
+
+def test_trace_ids_from_comment_tags() -> None:
+    from proxy.classify import classify_text
+    from proxy.events import trace_id_of
+
+    tags = classify_text(f"SELECT 1 /*controller='x',traceparent='{TRACEPARENT}'*/").tags
+    assert trace_id_of(tags, ("traceparent",)) == TRACE_ID
+    assert trace_id_of({"request_id": "r-42"}, ("traceparent", "request_id")) == "r-42"
+    assert trace_id_of({"traceparent": "garbage"}, ("traceparent",)) == "garbage"
+    assert trace_id_of({}, ("traceparent",)) is None
+
+
+def test_event_log_file_relay_and_statement_limit(tmp_path: Path) -> None:
+    from proxy.events import STATEMENT_EVENTS_PER_SECOND, EventLog, admin_rows
+
+    log = EventLog(str(tmp_path / "e.jsonl"), keep=5, source="me")
+    log.emit("hold.start", table="d.t", drain_seconds=0.001)
+    log.relay({"ts": "2025-01-01T00:00:00.000001Z", "event": "migration.phase", "seq": 9, "migration": 3})
+    for _ in range(STATEMENT_EVENTS_PER_SECOND + 10):
+        log.emit("statement.held", trace_id="t")
+    lines = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines[:2]] == ["hold.start", "migration.phase"]
+    assert lines[1]["ts"] == "2025-01-01T00:00:00.000001Z" and lines[1]["sidecar"] == "me"
+    assert len(lines) <= STATEMENT_EVENTS_PER_SECOND + 2 and len(log.recent) == 5
+    [row] = admin_rows([lines[0]])
+    assert row["table"] == "d.t" and json.loads(row["data"]) == {"drain_seconds": 0.001}
+
+
+def test_hook_settings_from_options() -> None:
+    from proxy.hooks import HookError, HookSettings
+
+    base = HookSettings({"success": "echo ok", "failure": "http://127.0.0.1:1/f"}, allow_option_commands=True)
+    merged = base.with_options({"hook_success": "", "hook_before_cut_over": "https://deploy/ready",
+                                "hook_timeout": "5", "hook_retry_interval": "0.5"})
+    assert dict(merged.targets) == {"failure": "http://127.0.0.1:1/f", "before_cut_over": "https://deploy/ready"}
+    assert (merged.timeout, merged.retry_interval) == (5.0, 0.5)
+    assert HookSettings.from_json(merged.to_json()) == merged
+    with pytest.raises(HookError, match="allow_option_commands"):
+        HookSettings().with_options({"hook_startup": "rm -rf /"})
+    with pytest.raises(HookError, match="http:// or https://"):
+        HookSettings().with_options({"hook_startup": "file:///etc/passwd"})
+
+
+async def test_hooks_run_in_order_with_the_facts(tmp_path: Path) -> None:
+    from proxy.events import EventLog
+    from proxy.hooks import Hooks, HookSettings
+
+    out = tmp_path / "out"
+    record = f'echo "$TIDEGATE_HOOK $TIDEGATE_MIGRATION_ID $TIDEGATE_MIGRATION_PHASE" >> {out}'
+    log = EventLog()
+    hooks = Hooks(HookSettings({"startup": record, "row_copy_complete": f"sleep 0.2; {record}",
+                                "before_cut_over": f"{record}; exit 7"}, timeout=5), log, migration_id=9)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hooks.run)
+        hooks.fire("startup", {"id": 9, "phase": "validating"})
+        hooks.fire("row_copy_complete", {"id": 9, "phase": "copying"})
+        hooks.fire("success", {"id": 9})  # not configured: nothing
+        result = await hooks.run_now("before_cut_over", {"id": 9, "phase": "ready"})
+        nursery.cancel_scope.cancel()
+    assert not result.ok and result.detail.startswith("exit code 7")
+    assert out.read_text().splitlines() == ["startup 9 validating", "row_copy_complete 9 copying",
+                                            "before_cut_over 9 ready"]
+    assert [(e["event"], e["hook"]) for e in log.tail()] == [
+        ("hook.ok", "startup"), ("hook.ok", "row_copy_complete"), ("hook.failed", "before_cut_over")]
+
+
+def test_chain_text() -> None:
+    from proxy.blockers import Report, chain_text
+
+    report = Report("shop", "orders", rows=[
+        {"role": "holding", "processlist_id": 45, "sidecar": "pod-a", "session_id": 17, "client_user": "app",
+         "client": "10.0.0.5:5555", "transaction_seconds": 12.25, "command": "Sleep",
+         "client_statement": "UPDATE orders SET k = 1", "tags": "controller=checkout", "lock": None},
+        {"role": "waiting", "processlist_id": 12, "statement": "LOCK TABLES `shop`.`orders` WRITE", "seconds": 0.8},
+        {"role": "queued", "processlist_id": 50},
+        {"role": "queued", "processlist_id": 51},
+    ])
+    assert chain_text(report) == (
+        "shop.orders: cut-over 'LOCK TABLES `shop`.`orders` WRITE' (connection 12) waits 0.8 s for the "
+        "metadata lock; held by connection 45 via sidecar pod-a session 17 (app from 10.0.0.5:5555, "
+        "transaction open 12.2 s, 'UPDATE orders SET k = 1', tags controller=checkout); 2 statements queued behind"
+    )
