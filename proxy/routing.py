@@ -716,7 +716,12 @@ def _check_template(spec: RuleSpec, regex: re.Pattern[str], template: str) -> No
         raise RuleError(spec.id, "rewrite", f"invalid replacement {template!r}: {error}") from None
 
 
-_SET_NAMES = re.compile(r"\s*SET\s+(?:NAMES|CHARACTER\s+SET|CHARSET)\b", re.I)
+_NAME = r"(?:'[^']*'|\"[^\"]*\"|`[^`]*`|[\w$]+)"
+#: exactly one SET NAMES / CHARACTER SET, nothing else (``SET NAMES x, sql_mode = ''`` pins)
+_SET_NAMES = re.compile(
+    rf"\s*SET\s+(?:NAMES\s+{_NAME}(?:\s+COLLATE\s+{_NAME})?|(?:CHARACTER\s+SET|CHARSET)\s+{_NAME})\s*;?\s*$",
+    re.I,
+)
 _SET_AUTOCOMMIT = re.compile(
     r"\s*SET\s+(?:SESSION\s+|LOCAL\s+|@@(?:SESSION\.|LOCAL\.)?)?autocommit\s*(?:=|:=)\s*\w+\s*;?\s*$", re.I
 )

@@ -202,6 +202,9 @@ def test_inactive_rules_are_checked_but_not_used() -> None:
     ("sql", "pins"),
     [
         ("SET NAMES utf8mb4", False),
+        ("SET NAMES 'latin1' COLLATE 'latin1_bin'", False),
+        ("SET CHARACTER SET utf8mb4", False),
+        ("SET NAMES utf8mb4, sql_mode = ''", True),
         ("SET autocommit = 1", False),
         ("SET @a = 1, @b = 'x'", False),
         ("USE shop", False),

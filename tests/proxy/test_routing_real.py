@@ -385,3 +385,77 @@ def test_a_cut_over_hold_applies_to_reads_bound_for_the_replica(
         assert box["server"] == REPLICA_ID and box["seconds"] >= 0.45
     finally:
         connection.close()
+
+
+def test_binary_prepared_statements_stay_on_the_primary_and_get_backpressure_facts(
+    routed: RunningProxy, database: str
+) -> None:
+    import mysql.connector
+
+    connection = mysql.connector.connect(
+        host=routed.host, port=routed.port, user="app", password="app-secret", database=database,
+        use_pure=True, autocommit=True,
+    )
+    try:
+        plain = connection.cursor()
+        plain.execute("CREATE TABLE p (id INT PRIMARY KEY, v VARCHAR(5))")
+        writer = connection.cursor(prepared=True)  # one statement per cursor stays prepared
+        writer.execute("INSERT INTO p VALUES (?, ?)", (1, "x"))
+        cursor = connection.cursor(prepared=True)
+        cursor.execute("SELECT v, @@server_id FROM p WHERE id = ?", (1,))
+        assert cursor.fetchall() == [("x", PRIMARY_ID)]
+        plain.execute("SELECT @@server_id")
+        assert plain.fetchall() == [(REPLICA_ID,)]  # text reads still split
+        relay = next(r for r in routed.proxy.relays.values() if r.session.schema == database)
+        kinds = {statement.sql: statement.facts.kind.value for statement in relay.session.prepared.values()
+                 if statement.facts is not None}
+        assert kinds == {"INSERT INTO p VALUES (?, ?)": "write", "SELECT v, @@server_id FROM p WHERE id = ?": "read"}
+    finally:
+        connection.close()
+
+
+def test_a_dead_replica_connection_is_retried_on_the_primary(
+    routed: RunningProxy, replica: sandbox.Instance, database: str
+) -> None:
+    connection = client(routed, database)
+    try:
+        assert server_of(connection) == REPLICA_ID
+        [(thread,)] = replica.execute(
+            f"SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app' AND DB = '{database}'"
+        )
+        replica.execute(f"KILL {thread}")
+        time.sleep(0.1)
+        assert server_of(connection) == PRIMARY_ID  # answered, by the primary
+        assert server_of(connection) == REPLICA_ID  # a new replica connection
+    finally:
+        connection.close()
+
+
+def test_read_your_writes_window(
+    primary: sandbox.Instance, replica: sandbox.Instance, app_user: tuple[str, str], database: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "ryw.toml"
+    config.write_text(f"""
+[[backends]]
+dsn = "{primary.dsn()}"
+[[backends]]
+dsn = "{replica.dsn()}?role=replica&name=replica1"
+[routing]
+read_write_split = true
+read_your_writes = "1s"
+lag_probe_interval = "100ms"
+""")
+    proxy = start_proxy(["--config", str(config), "--no-migrations-enabled"])
+    connection = client(proxy, database)
+    try:
+        assert server_of(connection) == REPLICA_ID
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE ryw (id INT PRIMARY KEY)")
+            cursor.execute("INSERT INTO ryw VALUES (1)")
+        assert server_of(connection, "SELECT @@server_id FROM ryw") == PRIMARY_ID  # sees its own write
+        time.sleep(1.1)
+        sandbox.wait_replica_caught_up(primary, replica)
+        assert server_of(connection, "SELECT @@server_id FROM ryw") == REPLICA_ID
+    finally:
+        connection.close()
+        proxy.stop()
