@@ -363,7 +363,8 @@ class MigrationService:
                f"@{self.endpoint.host}:{self.endpoint.port}")
         command = [sys.executable, "-m", "proxy.cli", "lead-migration", "--backend", dsn,
                    "--state-schema", self.schema_name, "--request-id", str(request_id),
-                   "--leader-id", self.fleet.id]
+                   "--leader-id", self.fleet.id,
+                   "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()]
         if resume:
             command.append("--resume")
         await self.db.query(
@@ -839,8 +840,10 @@ def lead_main(argv: builtins.list[str]) -> int:
     parser.add_argument("--request-id", type=int, required=True)
     parser.add_argument("--leader-id", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parsed = urllib.parse.urlsplit(args.backend)
     endpoint = Endpoint("primary", parsed.hostname or "127.0.0.1", parsed.port or 3306)
     service = (urllib.parse.unquote(parsed.username or ""), urllib.parse.unquote(parsed.password or ""))
