@@ -186,6 +186,7 @@ class App:
             "migrations_led_here": sorted(self.migrations.running) if self.migrations else [],
             "hold_in_progress": bool(proxy and proxy.gate.holds),
             "holds": proxy.gate.snapshot() if proxy else [],
+            "routing": self.router.summary() if self.router is not None else None,
             # every active migration as of the last poll; a pipeline waits for ready_to_cut_over
             "migrations": self.migrations.status() if self.migrations is not None else [],
         }

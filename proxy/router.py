@@ -559,6 +559,21 @@ class Router:
                 self._metrics.rejection(rejection.reason, priority)
         return rejection
 
+    def summary(self) -> dict[str, object]:
+        """For /status: what routing does now."""
+        return {
+            "active": self.active,
+            "read_write_split": self.split,
+            "rules_live": len(self.rules.specs),
+            "rules_pending": self.pending,
+            "replicas": {
+                name: {"state": health.state, "lag_seconds": health.lag, "error": health.error}
+                for name, health in self.replicas.items()
+            },
+            "replica_lag_seconds": self.replica_lag,
+            "backpressure_possible": self.pressure_possible,
+        }
+
     # -- exported counters (proxy.metrics reads these at scrape time) --------------------
 
     @property

@@ -324,6 +324,8 @@ def test_lag_moves_reads_to_the_primary_and_sheds_writes_until_it_recovers(
         eventually(lambda: server_of(connection) == PRIMARY_ID, what="reads on the primary")
         eventually(lambda: (replica_row()[1] or 0) > 1.0, what="lag over 1 s")
         assert replica_row()[0] == "stopped"
+        status = routed.call(routed.app.status)["routing"]
+        assert status["replicas"]["replica1"]["state"] == "stopped" and status["backpressure_possible"]
         started = time.monotonic()
         with pytest.raises(pymysql.err.OperationalError) as info:
             with connection.cursor() as cursor:
