@@ -131,7 +131,7 @@ async def test_kill9_during_copy_and_cut_over_then_resume(
         # Small fixed chunks: the copy must still be running when it is killed
         # (the adaptive size would copy 6000 rows in one chunk).
         migrate_command(primary, database, "--alter", alter, "--execute", "--throttle-flag-file", str(throttle),
-                        "--chunk-size", "100", "--max-chunk-size", "100"),
+                        "--chunk-size", "10", "--max-chunk-size", "10"),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
