@@ -18,9 +18,10 @@ Event names (docs/operations.md lists their fields):
 * ``hook.*``: ``ok``, ``failed``, ``veto``
 * ``statement.*``: ``held``, ``rejected`` (statements carrying a trace id)
 
-A migration led in a child process records its events there; they travel to
-the sidecar in the migration's progress row and are written here with their
-original timestamps (``relay``).
+A migration led in a child process records its events there; each one is
+appended to ``_tidegate.migration_events`` (``listeners``), and the sidecar
+tails that table and writes them here with their original timestamps
+(``relay``): append-only, so none is lost however many arrive at once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol
 
 log = logging.getLogger("tidegate.events")
@@ -90,6 +91,8 @@ class EventLog:
         self._window = 0
         self._in_window = 0
         self._suppressed = 0
+        #: called with every record kept (a child leader ships them to its sidecar)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def _open(self) -> IO[str] | None:
         if self._stream is None and self.path is not None and not self._failed:
@@ -136,6 +139,8 @@ class EventLog:
         self.sequence += 1
         record["seq"] = self.sequence
         self.recent.append(record)
+        for listener in self.listeners:
+            listener(record)
         stream = self._open()
         if stream is None:
             return

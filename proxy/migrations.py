@@ -13,9 +13,9 @@ row every second so every sidecar's admin port shows it.
 
 The leader also watches the migration from the proxy side
 (``proxy.lifecycle``): events, lifecycle hooks (``proxy.hooks``) and blocker
-reports (``proxy.blockers``).  A child leader records its events in memory
-and ships them in the progress row; the sidecar writes them to its event log
-with their original timestamps.
+reports (``proxy.blockers``).  A child leader appends its events to
+``_tidegate.migration_events``; the sidecar tails that table, writes them to
+its event log with their original timestamps, and deletes what it relayed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import shlex
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from proxy import blockers
 from proxy.backends import BackendError, BackendUnavailable, Credentials, Endpoint
 from proxy.blockers import ClientSession
 from proxy.control import ControlError
-from proxy.events import EventLog, timestamp
+from proxy.events import EventLog
 from proxy.fleet import Fleet, FleetGate, ServiceDatabase, identifier, literal
 from proxy.hooks import OPTIONS as HOOK_OPTIONS
 from proxy.hooks import HookError, HookSettings
@@ -68,10 +68,15 @@ STATES = ("pending", "validating", "copying", "verifying", "ready", "postponed",
           "complete", "failed", "cancelled")
 #: options the sidecar handles itself (hooks, killing blockers); the rest go to the migrator
 PROXY_OPTIONS = (*HOOK_OPTIONS, *LIFECYCLE_OPTIONS)
-#: a child leader's events that ride along in its progress row (the sidecar relays them):
-#: at most this many, and this many bytes of JSON (the column is a TEXT)
-EVENTS_IN_ROW = 50
-EVENTS_ROW_BYTES = 24_000
+#: a child leader appends its events here; its sidecar relays and then deletes them
+EVENTS_SQL = (
+    "CREATE TABLE IF NOT EXISTS {s}.migration_events ("
+    " id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, request_id BIGINT NOT NULL,"
+    " record MEDIUMTEXT NOT NULL, KEY request_id (request_id, id)) ENGINE=InnoDB"
+)
+#: how often a child leader ships its new events, and at most how many a sidecar relays per read
+EVENTS_SHIP_INTERVAL = 0.2
+EVENTS_READ_BATCH = 500
 #: environment variable a child leader gets the sidecar's hook settings in
 LEAD_OPTIONS_ENV = "TIDEGATE_LEAD_OPTIONS"
 
@@ -137,8 +142,8 @@ class ChildRunning:
     process: trio.Process
     lock_db: ServiceDatabase
     progress: dict[str, Any] = field(default_factory=dict)
-    #: (ts, seq) of the last event relayed from the child's progress row
-    events_mark: tuple[str, int] = field(default_factory=lambda: (timestamp(), 0))
+    #: id of the last row of ``migration_events`` relayed to this sidecar's event log
+    events_mark: int = 0
 
 
 @dataclass
@@ -210,6 +215,7 @@ class MigrationService:
             return
         await self.db.query(f"CREATE DATABASE IF NOT EXISTS {self.schema}")
         await self.db.query(REQUESTS_SQL.format(s=self.schema))
+        await self.db.query(EVENTS_SQL.format(s=self.schema))
         await self.fleet.ensure_schema()
         self._schema_ready = True
 
@@ -238,7 +244,8 @@ class MigrationService:
 
     async def _claim(self) -> None:
         rows = (await self.db.query(
-            f"SELECT id, schema_name, table_name, alter_statement, options, state, control, progress "
+            f"SELECT id, schema_name, table_name, alter_statement, options, state, control, progress, "
+            f"TIMESTAMPDIFF(MICROSECOND, updated_at, NOW(6)) / 1e6 "
             f"FROM {self.schema}.migration_requests WHERE state IN ('pending', 'running') ORDER BY id"
         )).text_rows()
         self.active = {int(row[0] or 0): summary(row) for row in rows}
@@ -249,8 +256,10 @@ class MigrationService:
                 current = self.running[request_id]
                 if isinstance(current, Running):
                     await self._apply_remote_commands(request_id, row[6])
-                elif progress_text:
-                    self._child_progress(current, json.loads(progress_text))
+                else:
+                    if progress_text:
+                        self._child_progress(current, json.loads(progress_text))
+                    await self._relay_child_events(current)
                 continue
             lock_db = ServiceDatabase(self.endpoint, self.credentials)
             try:
@@ -391,6 +400,11 @@ class MigrationService:
                         process.kill()
                         await process.wait()
                 child = self.running.pop(request_id, None)
+                if isinstance(child, ChildRunning):
+                    try:
+                        await self._relay_child_events(child)
+                    except Exception as error:
+                        log.warning("migration %d: events of the leader process not relayed: %s", request_id, error)
                 rows = (await self.db.query(
                     f"SELECT state, progress FROM {self.schema}.migration_requests WHERE id = {request_id}"
                 )).text_rows()
@@ -416,11 +430,6 @@ class MigrationService:
     def _child_progress(self, child: ChildRunning, progress: dict[str, Any]) -> None:
         """Metrics and events for a migration led by our child process, from its progress row."""
         child.progress = progress
-        for record in progress.get("events") or []:
-            mark = (str(record.get("ts", "")), int(record.get("seq", 0) or 0))
-            if mark > child.events_mark:
-                self.events.relay(record)
-                child.events_mark = mark
         if self._on_progress is not None:
             snapshot = Progress()
             for name in ("phase", "rows_copied", "rows_estimate", "binlog_lag_seconds", "cut_over_attempts"):
@@ -434,6 +443,38 @@ class MigrationService:
                 self._on_cutover("drain_timeout")
             self._drain_timeouts_seen[child.request_id] = now
 
+    async def _relay_child_events(self, child: ChildRunning) -> None:
+        """Events our child leader appended to ``migration_events``: into our log, in order, then deleted."""
+        while True:
+            rows = (await self.db.query(
+                f"SELECT id, record FROM {self.schema}.migration_events WHERE request_id = {int(child.request_id)} "
+                f"AND id > {int(child.events_mark)} ORDER BY id LIMIT {EVENTS_READ_BATCH}"
+            )).text_rows()
+            for row_id, text in rows:
+                try:
+                    record = json.loads(text or "")
+                except ValueError:
+                    record = None
+                if isinstance(record, dict):
+                    self.events.relay(record)
+                child.events_mark = int(row_id or 0)
+            if rows:
+                await self.db.query(
+                    f"DELETE FROM {self.schema}.migration_events WHERE request_id = {int(child.request_id)} "
+                    f"AND id <= {int(child.events_mark)}"
+                )
+            if len(rows) < EVENTS_READ_BATCH:
+                return
+
+    async def _ship_events(self, request_id: int, pending: builtins.list[dict[str, Any]]) -> None:
+        """In a child leader: append the events recorded since the last call to ``migration_events``."""
+        if not pending:
+            return
+        batch = pending[:]
+        values = ", ".join(f"({int(request_id)}, {literal(json.dumps(record, default=str))})" for record in batch)
+        await self.db.query(f"INSERT INTO {self.schema}.migration_events (request_id, record) VALUES {values}")
+        del pending[:len(batch)]
+
     async def run_request(self, request_id: int, resume: bool) -> int:
         """Body of a child leader: run one requested migration; returns an exit code."""
         rows = (await self.db.query(
@@ -444,12 +485,36 @@ class MigrationService:
             log.error("no migration request %d", request_id)
             return 2
         self._in_child = True
+        await self.db.query(EVENTS_SQL.format(s=self.schema))  # a sidecar older than this table
+        pending: builtins.list[dict[str, Any]] = []
+        self.events.listeners.append(pending.append)
+
+        async def ship() -> None:
+            while True:
+                await trio.sleep(EVENTS_SHIP_INTERVAL)
+                try:
+                    await self._ship_events(request_id, pending)
+                except Exception as error:  # kept in ``pending``: the next round tries again
+                    log.warning("migration %d: events not shipped yet: %s", request_id, error)
+
+        try:
+            await self._run_child(request_id, rows[0], resume, ship)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                try:
+                    await self._ship_events(request_id, pending)
+                except Exception as error:
+                    log.error("migration %d: %d events lost: %s", request_id, len(pending), error)
+        return 0
+
+    async def _run_child(self, request_id: int, row: tuple[str | None, ...], resume: bool,
+                         ship: Callable[[], Awaitable[None]]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             done = trio.Event()
 
             async def lead() -> None:
-                await self._lead(request_id, rows[0], None, resume)
+                await self._lead(request_id, row, None, resume)
                 done.set()
 
             async def watch_parent() -> None:
@@ -473,9 +538,9 @@ class MigrationService:
             nursery.start_soon(lead)
             nursery.start_soon(watch_parent)
             nursery.start_soon(commands)
+            nursery.start_soon(ship)
             await done.wait()
             nursery.cancel_scope.cancel()
-        return 0
 
     async def _finish_request(self, request_id: int, state: str, error: str | None,
                               progress: dict[str, Any] | None = None) -> None:
@@ -511,8 +576,6 @@ class MigrationService:
             row["postponed_by"] = lifecycle.vetoed
             row["blocked_by"] = lifecycle.blocked_by
             row["last_refusal"] = lifecycle.last_failure or running.gate.last_refusal
-            if self._in_child:
-                row["events"] = _newest_within(lifecycle.events.tail(EVENTS_IN_ROW), EVENTS_ROW_BYTES)
         running.progress = row
         if self._on_progress is not None:
             self._on_progress(running.request_id, progress)
@@ -747,26 +810,41 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _newest_within(records: builtins.list[dict[str, Any]], budget: int) -> builtins.list[dict[str, Any]]:
-    """The newest records whose JSON fits in ``budget`` bytes, oldest first."""
-    kept: builtins.list[dict[str, Any]] = []
-    for record in reversed(records):
-        budget -= len(json.dumps(record, default=str))
-        if budget < 0:
-            break
-        kept.append(record)
-    return kept[::-1]
-
-
 def summary(row: tuple[str | None, ...]) -> dict[str, Any]:
-    """One active request row (id, schema, table, alter, options, state, control, progress) for /status."""
+    """One active request row (id, schema, table, alter, options, state, control, progress[, age]) for /status.
+
+    ``binlog_lag_seconds`` is the leader's last report, whichever sidecar leads:
+    every sidecar's backpressure reads it (``migration_lags``).  ``age`` is how
+    many seconds ago the row was last written.
+    """
     entry: dict[str, Any] = {"id": int(row[0] or 0), "table": f"{row[1]}.{row[2]}", "state": row[5]}
     try:
         progress = json.loads(row[7] or "{}")
     except ValueError:
         progress = {}
     entry.update(_progress_summary(progress))
+    lag = progress.get("binlog_lag_seconds")
+    entry["binlog_lag_seconds"] = float(lag) if isinstance(lag, int | float) else None
+    entry["age_seconds"] = float(row[8]) if len(row) > 8 and row[8] is not None else None
     return entry
+
+
+#: a leader's lag report older than this is not trusted for backpressure (the leader
+#: died; the next one reports within a second of taking over)
+LAG_REPORT_MAX_AGE = 10.0
+
+
+def migration_lags(active: dict[int, dict[str, Any]]) -> builtins.list[tuple[str, float]]:
+    """(schema.table, binlog lag) of the active migrations with a fresh lag report."""
+    lags = []
+    for entry in active.values():
+        lag, age = entry.get("binlog_lag_seconds"), entry.get("age_seconds")
+        if lag is None:  # pending, or no report yet
+            continue
+        if age is not None and age > LAG_REPORT_MAX_AGE:
+            continue
+        lags.append((str(entry["table"]), float(lag)))
+    return lags
 
 
 def _progress_summary(progress: dict[str, Any]) -> dict[str, Any]:
