@@ -268,18 +268,13 @@ class App:
         return router
 
     def _migration_lags(self) -> list[tuple[str, float]]:
-        """Binlog lag of the migrations this sidecar leads, by schema.table."""
+        """Binlog lag of every running migration, whichever sidecar leads it, by schema.table."""
         service = self.migrations
         if service is None:
             return []
-        lags = []
-        for running in list(service.running.values()):
-            progress = getattr(running, "progress", None) or {}
-            lag = progress.get("binlog_lag_seconds")
-            spec = getattr(getattr(running, "migration", None), "spec", None)
-            if lag is not None and spec is not None:
-                lags.append((f"{spec.database}.{spec.table}", float(lag)))
-        return lags
+        from proxy.migrations import migration_lags
+
+        return migration_lags(service.active)
 
     def _embedded_migrator(self, proxy: Proxy, service_account: tuple[str, str]) -> tuple[Any, Any]:
         """Fleet membership and the migration service (the only place proxy meets migrator)."""

@@ -461,3 +461,72 @@ lag_probe_interval = "100ms"
     finally:
         connection.close()
         proxy.stop()
+
+
+def test_a_migration_led_by_another_sidecar_sheds_writes_here_while_its_lag_is_high(
+    primary: sandbox.Instance, app_user: tuple[str, str], database: str, tmp_path: Path
+) -> None:
+    """Every sidecar applies migration-lag backpressure, not only the one leading it.
+
+    The migration is "led elsewhere": its request row says running, its lag
+    report is fresh, and the test holds the leader lock so this sidecar cannot
+    take it over.
+    """
+    schema = f"_tg_lag_{database}"[:64]
+    config = tmp_path / "tidegate.toml"
+    config.write_text(f"""
+state_schema = "{schema}"
+[[backends]]
+dsn = "{primary.dsn()}"
+[backpressure]
+max_migration_lag = "2s"
+max_wait = "300ms"
+retry_after = "250ms"
+""")
+    primary.execute(f"CREATE TABLE `{database}`.hot (id INT AUTO_INCREMENT PRIMARY KEY)",
+                    f"CREATE TABLE `{database}`.cold (id INT AUTO_INCREMENT PRIMARY KEY)")
+    running = start_proxy(["--config", str(config)], metrics=Metrics())
+    leader = primary.connect()
+    try:
+        eventually(lambda: primary.execute(
+            f"SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{schema}' "
+            "AND TABLE_NAME = 'migration_requests'")[0][0], what="the state schema")
+        with leader.cursor() as cursor:  # the other sidecar's leader lock
+            cursor.execute(f"SELECT GET_LOCK('tidegate:{schema}:migration:77', 0)")
+        primary.execute(
+            f"INSERT INTO `{schema}`.migration_requests (id, schema_name, table_name, alter_statement, options, state,"
+            f" leader, requested_at, updated_at, progress) VALUES (77, '{database}', 'hot', 'ADD COLUMN x INT', '{{}}',"
+            f" 'running', 'elsewhere', NOW(6), NOW(6), '{{\"phase\": \"copying\", \"binlog_lag_seconds\": 6.5}}')")
+        connection = client(running, database)
+
+        def insert(table: str) -> None:
+            with connection.cursor() as cursor:
+                cursor.execute(f"INSERT INTO {table} VALUES ()")
+
+        def refused() -> str | None:
+            try:
+                insert("hot")
+            except pymysql.err.OperationalError as error:
+                assert error.args[0] == 1637, error.args
+                return str(error.args[1])
+            return None
+
+        message = eventually(refused, what="a refused write to the migrating table")
+        assert re.fullmatch(rf"tidegate: too many requests: migration lag on {database}\.hot 6\.5 s > 2\.0 s; "
+                            r"retry after 250 ms", message), message
+        insert("cold")  # migration_scope = "table": other tables are not held back
+        # The lag recovers in the leader's next report: writes go through again.
+        primary.execute(f"UPDATE `{schema}`.migration_requests SET updated_at = NOW(6),"
+                        " progress = '{\"phase\": \"copying\", \"binlog_lag_seconds\": 0.2}' WHERE id = 77")
+        eventually(lambda: refused() is None, what="writes admitted again")
+        # A stale report (the leader died and nobody took over yet) is not trusted.
+        primary.execute(f"UPDATE `{schema}`.migration_requests SET updated_at = NOW(6) - INTERVAL 1 MINUTE,"
+                        " progress = '{\"phase\": \"copying\", \"binlog_lag_seconds\": 30}' WHERE id = 77")
+        time.sleep(1.5)  # a poll (1 s) and a probe later
+        assert refused() is None
+        assert one(connection, "SELECT COUNT(*) FROM hot") >= 2
+        connection.close()
+    finally:
+        leader.close()
+        running.stop()
+        primary.execute(f"DROP DATABASE IF EXISTS `{schema}`")
