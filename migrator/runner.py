@@ -637,9 +637,13 @@ class Migration:
 
     async def _wait_caught_up(self, applier: Applier) -> None:
         """Before taking the lock: the binlog is near the head and little is pending."""
-        with trio.move_on_after(30):
+        with trio.move_on_after(30) as waited:
             while len(applier.pending) > 1000 or (self._heartbeat and self._heartbeat.lag(applier.last_heartbeat) > 0.5):
                 await trio.sleep(0.05)
+        if waited.cancelled_caught:
+            lag = self._heartbeat.lag(applier.last_heartbeat) if self._heartbeat else 0.0
+            self._say(f"binlog applier still {lag:.1f}s behind ({len(applier.pending)} keys pending) after 30s: "
+                      "the table is written faster than the changes can be applied; trying anyway")
 
     async def _apply(self, writer: Connection, applier: Applier) -> None:
         """Apply every pending key; a lost lock race or connection is retried."""
@@ -744,9 +748,15 @@ class Migration:
             except (DatabaseError, trio.TooSlowError) as error:
                 if isinstance(error, DatabaseError) and error.code not in db.RETRY_CODES:
                     raise
+                if isinstance(error, trio.TooSlowError):
+                    lag = self._heartbeat.lag(cut.applier.last_heartbeat) if self._heartbeat else 0.0
+                    why = (f"the sentinel did not come back through the binlog in {cut.timeout:g}s "
+                           f"(binlog lag {lag:.1f}s, {len(cut.applier.pending)} keys pending)")
+                else:
+                    why = f"lock not granted: {error}"
                 if attempt > spec.cut_over_max_attempts:
-                    raise MigrationFailed(f"could not stop writes for the checksum snapshot: {error}") from error
-                self._say(f"checksum snapshot attempt {attempt} did not get the lock ({error}); retrying")
+                    raise MigrationFailed(f"could not stop writes for the checksum snapshot: {why}") from error
+                self._say(f"checksum snapshot attempt {attempt}: {why}; retrying")
             finally:
                 with trio.CancelScope(shield=True):
                     with contextlib.suppress(DatabaseError):

@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,10 @@ class Workload:
     threads: int = 3
     seed: int = 7
     key_space: int = 20000
+    #: transactions per second per thread (None: as fast as the server goes).  A test
+    #: that stops the migrator for a while needs a rate its binlog applier can catch
+    #: up with on a loaded 2-core machine, as a real service's write rate is.
+    rate: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     committed: int = 0
     rolled_back: int = 0
@@ -147,7 +152,16 @@ class Workload:
         cursor = connection.cursor()
         cursor.execute("SET SESSION time_zone = '+00:00'")
         cursor.execute("SET SESSION innodb_lock_wait_timeout = 50")
+        interval = 1.0 / self.rate if self.rate else 0.0
+        next_start = time.monotonic()
         while not self.stop.is_set():
+            if interval:
+                next_start += interval
+                delay = next_start - time.monotonic()
+                if delay > 0:
+                    self.stop.wait(delay)
+                else:
+                    next_start = time.monotonic()  # behind: no burst to catch up
             statements = self._statements(rng)
             try:
                 cursor.execute("BEGIN")

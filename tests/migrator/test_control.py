@@ -29,13 +29,47 @@ def phase_of(primary: sandbox.Instance, database: str) -> tuple[str, int] | None
     return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
-async def wait_phase(primary: sandbox.Instance, database: str, phases: set[str], timeout: float = 60) -> str:
-    with trio.fail_after(timeout):
+async def wait_phase(
+    primary: sandbox.Instance, database: str, phases: set[str], timeout: float = 60,
+    process: subprocess.Popen[bytes] | None = None,
+) -> str:
+    """Wait for the newest migration of ``database`` to reach one of ``phases``.
+
+    With ``process`` (a ``tidegate migrate`` child), fail at once with its output
+    when it exits first, and show its output on timeout: a CI log then says why.
+    """
+    found: tuple[str, int] | None = None
+    with trio.move_on_after(timeout):
         while True:
             found = await trio.to_thread.run_sync(phase_of, primary, database)
             if found and found[0] in phases:
                 return found[0]
+            if process is not None and process.poll() is not None:
+                break
             await trio.sleep(0.05)
+    output = ""
+    if process is not None:
+        if process.poll() is None:
+            process.kill()
+        out, err = await trio.to_thread.run_sync(process.communicate)
+        output = f"; exit {process.returncode}; output:\n{(out + err).decode(errors='replace')[-4000:]}"
+    raise AssertionError(f"phase {found} never reached {sorted(phases)} in {timeout}s{output}")
+
+
+async def copy_some_then_throttle(primary: sandbox.Instance, database: str, throttle: Path, rows: int = 300) -> None:
+    """Let a throttled copy run until the ghost holds ``rows`` rows, then throttle it again.
+
+    On a quiet machine a whole small table is copied within a second, so the
+    copy must be stopped by the flag (polled every 0.25 s) rather than by luck
+    for a test to interrupt it mid-copy.
+    """
+    throttle.unlink()
+    with trio.fail_after(60):
+        while not await trio.to_thread.run_sync(
+                lambda: primary.execute(f"SELECT COUNT(*) >= {rows} FROM `{database}`._t_gho")[0][0]):
+            await trio.sleep(0.01)
+    throttle.touch()
+    await trio.sleep(0.6)  # the flag is seen within 0.25 s; the chunk in flight lands
 
 
 async def test_conflicting_lock_then_retry(primary: sandbox.Instance, database: str, workload_factory) -> None:
@@ -121,7 +155,7 @@ async def test_kill9_during_copy_and_cut_over_then_resume(
     primary: sandbox.Instance, database: str, tmp_path: Path, workload_factory
 ) -> None:
     create_pair(primary, database, rows=6000, seed=6)
-    workload = workload_factory(database, key_space=20000, threads=2)
+    workload = workload_factory(database, key_space=20000, threads=2, rate=150)
     workload.start()
     throttle = tmp_path / "throttle"
     throttle.touch()
@@ -135,15 +169,8 @@ async def test_kill9_during_copy_and_cut_over_then_resume(
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        await wait_phase(primary, database, {"copying"})
-        throttle.unlink()
-        with trio.fail_after(60):
-            while True:
-                found = phase_of(primary, database)
-                if found and found[1] > 0:
-                    break
-        throttle.touch()
-        await trio.sleep(0.3)
+        await wait_phase(primary, database, {"copying"}, process=process)
+        await copy_some_then_throttle(primary, database, throttle)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()

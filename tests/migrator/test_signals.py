@@ -11,7 +11,12 @@ import trio
 
 from proxy import sandbox
 from tests.migrator.conftest import assert_same, create_pair
-from tests.migrator.test_control import migrate_command, phase_of, wait_phase
+from tests.migrator.test_control import (
+    copy_some_then_throttle,
+    migrate_command,
+    phase_of,
+    wait_phase,
+)
 
 ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
 
@@ -35,17 +40,18 @@ async def test_sigterm_during_copy_and_sigint_while_postponed_then_resume(
     primary: sandbox.Instance, database: str, tmp_path: Path, workload_factory
 ) -> None:
     create_pair(primary, database, rows=6000, seed=21)
-    workload = workload_factory(database, key_space=20000, threads=2)
+    workload = workload_factory(database, key_space=20000, threads=2, rate=150)
     workload.start()
     alter = "ADD COLUMN extra INT NOT NULL DEFAULT 3"
-    small = ("--chunk-size", "100", "--max-chunk-size", "100")
-    process = subprocess.Popen(migrate_command(primary, database, "--alter", alter, "--execute", *small),
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    small = ("--chunk-size", "10", "--max-chunk-size", "10")
+    throttle = tmp_path / "throttle"
+    throttle.touch()
+    process = subprocess.Popen(
+        migrate_command(primary, database, "--alter", alter, "--execute", "--throttle-flag-file", str(throttle), *small),
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        await wait_phase(primary, database, {"copying"})
-        with trio.fail_after(60):  # let some chunks land in the ghost
-            while not primary.execute(f"SELECT COUNT(*) >= 1000 FROM `{database}`._t_gho")[0][0]:
-                await trio.sleep(0.02)
+        await wait_phase(primary, database, {"copying"}, process=process)
+        await copy_some_then_throttle(primary, database, throttle, rows=1000)  # some chunks in the ghost
         code, output = await stop(process, signal.SIGTERM)
     finally:
         if process.poll() is None:
@@ -70,7 +76,7 @@ async def test_sigterm_during_copy_and_sigint_while_postponed_then_resume(
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        await wait_phase(primary, database, {"postponed"}, timeout=90)
+        await wait_phase(primary, database, {"postponed"}, timeout=90, process=process)
         code, output = await stop(process, signal.SIGINT)
     finally:
         if process.poll() is None:
