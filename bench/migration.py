@@ -37,6 +37,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -308,6 +309,16 @@ def main() -> int:
     parser.add_argument("--logs", type=Path, help="write each run's tool and sysbench output to this directory")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = [t for t in tools if t not in ("tidegate", "pt-osc")]
+    if unknown:
+        parser.error(f"--tools: unknown tool {unknown[0]!r} (tidegate, pt-osc)")
+    missing = [name for name, needed in (("sysbench", True), ("pt-online-schema-change", "pt-osc" in tools))
+               if needed and shutil.which(name) is None]
+    if missing:
+        print(f"missing: {', '.join(missing)}; install it (Debian: apt-get install -y "
+              f"{' '.join('percona-toolkit' if m.startswith('pt-') else m for m in missing)}), "
+              "or run ./dev bench migration, which does", file=sys.stderr)
+        return 2
     print(f"load average at start: {load_average()} on {os.cpu_count()} cores", flush=True)
     with sandbox.running() as (primary, _):
         port = primary.port
