@@ -34,8 +34,14 @@ completes on its own, which is right because every check passed before it.
 An application transaction that had read ``t`` and writes it while our lock
 request of step 1 waits is chosen as a metadata-lock deadlock victim by the
 server (1213); the checksum snapshot takes a READ lock instead, which cannot
-deadlock that way.  A sidecar that drains traffic (:class:`TrafficGate`)
-removes that window: the lock is then granted without waiting.
+deadlock that way.  Where ``performance_schema`` shows metadata locks (its
+``wait/lock/metadata/sql/mdl`` instrument: on by default in MySQL 8, off in
+MariaDB), step 1 first waits, up to the lock timeout, for a moment when no
+other session's transaction holds a lock on ``t`` and asks for the lock
+then: the window shrinks from "every transaction open at the request" to the
+milliseconds between that check and the request.  A sidecar that drains
+traffic (:class:`TrafficGate`) removes the window: the lock is then granted
+without waiting.
 """
 
 from __future__ import annotations
@@ -110,6 +116,9 @@ class CutOver:
         self.timeout = spec.cut_over_lock_timeout_seconds
         self.delta_keys = 0  # keys compared under the lock in the last attempt
         self.delta_resynced = 0  # of which re-synced
+        #: seconds the last attempt waited for a moment with no transaction on t (None: not visible/none came)
+        self.quiet_wait: float | None = None
+        self._mdl_visible: bool | None = None
 
     # -- helpers shared with the checksum snapshot ----------------------------------
 
@@ -183,6 +192,7 @@ class CutOver:
         started = trio.current_time()
         locked = held = renamed = False
         try:
+            self.quiet_wait = await self.wait_for_quiet_table(observer, (locker, holder, renamer, observer))
             try:
                 await self.lock_and_catch_up(locker)
                 locked = True
@@ -266,6 +276,48 @@ class CutOver:
                 if not renamed:
                     # After a rename the ghost is gone: the applier stays paused for good.
                     self.applier.paused = False
+
+    async def mdl_visible(self, observer: Connection) -> bool:
+        """Whether performance_schema reports metadata locks (instrument on); asked once."""
+        if self._mdl_visible is None:
+            try:
+                rows = await observer.query(
+                    "SELECT ENABLED FROM performance_schema.setup_instruments WHERE NAME = 'wait/lock/metadata/sql/mdl'"
+                )
+                self._mdl_visible = bool(rows) and str(rows[0][0]).upper() == "YES"
+            except DatabaseError:  # performance_schema off, or no privilege on it
+                self._mdl_visible = False
+        return self._mdl_visible
+
+    async def wait_for_quiet_table(self, observer: Connection, own: tuple[Connection, ...]) -> float | None:
+        """Wait (bounded by the lock timeout) until no other transaction holds a lock on ``t``.
+
+        A transaction that read ``t`` and writes it while our exclusive request
+        waits would be the server's deadlock victim; asking at a moment when
+        none holds ``t`` avoids that.  Returns the seconds waited, or None when
+        metadata locks are not visible (the request is then made at once) or
+        no quiet moment came in time (it is made anyway).
+        """
+        if not await self.mdl_visible(observer):
+            return None
+        ours = ", ".join(str(int(c.thread_id)) for c in own if c.thread_id is not None) or "0"
+        sql = (
+            "SELECT COUNT(*) FROM performance_schema.metadata_locks m "
+            "JOIN performance_schema.threads th ON th.THREAD_ID = m.OWNER_THREAD_ID "
+            "WHERE m.OBJECT_TYPE = 'TABLE' AND m.OBJECT_SCHEMA = %s AND m.OBJECT_NAME = %s "
+            "AND m.LOCK_STATUS = 'GRANTED' AND m.LOCK_DURATION = 'TRANSACTION' "
+            f"AND (th.PROCESSLIST_ID IS NULL OR th.PROCESSLIST_ID NOT IN ({ours}))"
+        )
+        started = trio.current_time()
+        with trio.move_on_after(self.timeout):
+            while True:
+                rows = await observer.query(sql, (self.spec.database, self.spec.table))
+                if not rows or int(rows[0][0]) == 0:
+                    return trio.current_time() - started
+                await trio.sleep(0.001)
+        log.info("cut-over: no moment without a transaction on %s in %gs; asking for the lock anyway",
+                 self.original, self.timeout)
+        return None
 
     async def _check_delta(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> None:
         """Exact under the lock: every key changed since the checksum snapshot."""
