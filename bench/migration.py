@@ -26,6 +26,12 @@ copy before every run):
   --no-check-replication-filters``), and its output lines are timestamped as
   they arrive to find the copy and cut-over windows.
 
+The server's metadata-lock instrument (``performance_schema``
+``wait/lock/metadata/sql/mdl``, on by default in MySQL 8, off in MariaDB) is
+switched on, as an operator following docs/cutover.md would: tidegate's
+standalone cut-over then asks for its lock at a moment when no transaction
+holds the table.  ``--no-mdl-instrument`` leaves MariaDB's default.
+
 It prints wall time and the tidegate/pt-osc ratio, rows/s, workload errors
 (the probe's by code), and latency per window, plus the load average of the machine (other
 work on a small machine moves every number here).
@@ -306,6 +312,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="sysbench threads (default 8)")
     parser.add_argument("--tools", default="tidegate,pt-osc", help="which tools, in order (default tidegate,pt-osc)")
     parser.add_argument("--tidegate-args", default="", help="extra flags for tidegate migrate")
+    parser.add_argument("--no-mdl-instrument", dest="mdl_instrument", action="store_false",
+                        help="leave performance_schema's metadata-lock instrument off (MariaDB's default)")
     parser.add_argument("--logs", type=Path, help="write each run's tool and sysbench output to this directory")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -323,6 +331,10 @@ def main() -> int:
     with sandbox.running() as (primary, _):
         port = primary.port
         primary.execute("CREATE DATABASE sbtest")
+        if args.mdl_instrument:
+            primary.execute("UPDATE performance_schema.setup_instruments SET ENABLED = 'YES', TIMED = 'YES' "
+                            "WHERE NAME = 'wait/lock/metadata/sql/mdl'")
+        print(f"performance_schema metadata-lock instrument: {'on' if args.mdl_instrument else 'off'}", flush=True)
         print(f"preparing {args.rows} rows ...", flush=True)
         subprocess.run(sysbench_command(port, "prepare", args.rows), check=True, stdout=subprocess.DEVNULL)
         primary.execute("USE sbtest", f"CREATE TABLE pristine LIKE {TABLE}", f"INSERT INTO pristine SELECT * FROM {TABLE}")
