@@ -907,7 +907,12 @@ def test_kill_by_the_thread_id_from_the_handshake(
 
         thread = threading.Thread(target=sleep)
         thread.start()
-        time.sleep(0.5)
+        # Kill only once the server runs the sleep (a fixed pause can be too short on a loaded machine).
+        deadline = time.monotonic() + 20
+        while not primary.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                                  "WHERE INFO = 'SELECT SLEEP(3)'")[0][0]:
+            assert time.monotonic() < deadline, "the victim's SLEEP never started"
+            time.sleep(0.01)
         killed_query = collect(PYMYSQL, killer, f"KILL QUERY {victim.thread_id()}")
         thread.join(10)
         # KILL <id> (pymysql's Connection.kill): the victim's connection ends.
