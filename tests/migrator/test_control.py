@@ -91,8 +91,9 @@ async def test_conflicting_lock_then_retry(primary: sandbox.Instance, database: 
         # Another session holds a metadata lock on t (an open transaction that read it).
         await trio.to_thread.run_sync(lambda: blocker.cursor().execute("SELECT COUNT(*) FROM t"))
         migration.postpone(False)
-        await trio.sleep(2.5)
-        assert migration.progress().cut_over_attempts >= 2
+        with trio.fail_after(30):  # each attempt times out after 1 s, then backs off
+            while migration.progress().cut_over_attempts < 2:
+                await trio.sleep(0.05)
         assert not outcome  # still trying: the blocker is there
         await trio.to_thread.run_sync(blocker.commit)
     await trio.to_thread.run_sync(workload.finish)
@@ -133,8 +134,9 @@ async def test_panic_flag_cancels(primary: sandbox.Instance, database: str, tmp_
 
         nursery.start_soon(run)
         await wait_phase(primary, database, {"copying"})
-        await trio.sleep(0.3)
-        assert migration.progress().throttle_reason
+        with trio.fail_after(30):
+            while not migration.progress().throttle_reason:
+                await trio.sleep(0.02)
         panic.touch()
     assert results[0].phase == Phase.CANCELLED
     assert primary.execute(f"SHOW TABLES FROM `{database}`") == [("control",), ("t",)]
