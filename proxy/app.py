@@ -123,6 +123,8 @@ class App:
         self.admin_listening: tuple[str, int] | None = None
         #: rules, replica health, backpressure (proxy.router); set in run()
         self.router: Router | None = None
+        #: fleet-wide routing rules (proxy.fleet.FleetRules); None without the state schema
+        self.fleet_rules: Any = None
 
     async def _load_users(self) -> list[Account]:
         service = self.config.service_account
@@ -287,6 +289,12 @@ class App:
         database = ServiceDatabase(self.primary, credentials, self.config.limits.connect_timeout)
         listen = f"{self.config.listen[0]}:{self.config.listen[1]}"
         fleet = Fleet(database, proxy.gate, schema=self.config.state_schema, listen=listen)
+        if self.router is not None:
+            from proxy.fleet import FleetRules
+
+            fleet.rules = self.fleet_rules = FleetRules(
+                fleet, self.router, follow=self.config.routing.fleet_rules, interval=fleet.heartbeat_interval
+            )
         metrics = self.metrics
         attempts_seen: dict[int, int] = {}
 

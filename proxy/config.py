@@ -149,6 +149,8 @@ class RoutingConfig:
     read_your_writes: float = 0.0
     #: statements waiting to be mirrored; more are dropped (and counted)
     mirror_queue: int = 1000
+    #: follow the rule set published with APPLY RULES TO FLEET (false: this sidecar keeps its own)
+    fleet_rules: bool = True
 
 
 @dataclass(frozen=True)
@@ -1022,7 +1024,7 @@ def _routing(ctx: _Context, value: object) -> RoutingConfig:
     values: dict[str, object] = {}
     for name, raw in table.items():
         key = f"routing.{name}"
-        if name == "read_write_split":
+        if name in ("read_write_split", "fleet_rules"):
             values[name] = _boolean(ctx, key, raw)
         elif name == "mirror_queue":
             values[name] = _integer(ctx, key, raw, 1, 1_000_000)
@@ -1210,6 +1212,7 @@ _ENV_SCALARS: dict[str, str] = {
     **{f"TIDEGATE_HOOKS_{name.upper()}": f"hooks.{name}" for name in _HOOKS_KEYS},
     "TIDEGATE_ROUTING_READ_WRITE_SPLIT": "routing.read_write_split",
     "TIDEGATE_ROUTING_MAX_REPLICA_LAG": "routing.max_replica_lag",
+    "TIDEGATE_ROUTING_FLEET_RULES": "routing.fleet_rules",
 }
 _ENV_OTHER = ("TIDEGATE_CONFIG", "TIDEGATE_BACKEND")
 _ENV_KNOWN = (*_ENV_SCALARS, *_ENV_OTHER)
@@ -1294,6 +1297,10 @@ _FLAG_BOOLEANS: dict[str, tuple[str, str]] = {
     "--read-write-split": (
         "routing.read_write_split",
         "send reads outside transactions to healthy replicas (default off)",
+    ),
+    "--fleet-rules": (
+        "routing.fleet_rules",
+        "follow the routing rules published with APPLY RULES TO FLEET (default on)",
     ),
 }
 

@@ -16,6 +16,13 @@ oldest first, with the client behind each backend connection), so the
 leader's blocker report (``proxy.blockers``) can name the client behind a
 database session that came through any sidecar.
 
+Routing rules can be fleet-wide too (``FleetRules``): ``APPLY RULES TO FLEET``
+on any admin port stores the whole validated rule set as one JSON document
+with a new version in ``_tidegate.routing_rules``; every sidecar reads the
+newest version number once a heartbeat interval and, when it changed, loads
+that document as its live rules, or refuses it (keeping its rules) when it
+cannot, and reports what it runs in ``_tidegate.sidecar_rules``.
+
 No extra infrastructure: the primary is the coordination point.
 """
 
@@ -44,6 +51,16 @@ from proxy.backends import (
 from proxy.events import NULL_EVENTS, EventSink
 from proxy.gate import Gate
 from proxy.netio import ConnectionClosed
+from proxy.router import Router, fleet_version_changed
+from proxy.routing import (
+    RuleError,
+    RuleSet,
+    RuleSpec,
+    compile_rules,
+    decode_rules,
+    encode_rules,
+    spec_row,
+)
 
 if TYPE_CHECKING:
     from proxy.blockers import ClientSession
@@ -73,6 +90,16 @@ SCHEMA_SQL = (
     " transaction_seconds DOUBLE NULL, statement TEXT NULL, tags TEXT NULL, touched TEXT NULL,"
     " snapshot BIGINT NOT NULL, at DATETIME(6) NOT NULL,"
     " PRIMARY KEY (sidecar, session_id), KEY backend (backend_id)) ENGINE=InnoDB",
+    # One row per published rule set: the whole set in one document, so a
+    # version is written (and read) in one statement, never half of it.
+    "CREATE TABLE IF NOT EXISTS {s}.routing_rules ("
+    " version BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, published_by VARCHAR(64) NOT NULL,"
+    " published_at DATETIME(6) NOT NULL, note VARCHAR(255) NULL, rule_count INT NOT NULL,"
+    " document MEDIUMTEXT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS {s}.sidecar_rules ("
+    " sidecar VARCHAR(64) PRIMARY KEY, version BIGINT NULL, source VARCHAR(16) NOT NULL,"
+    " state VARCHAR(16) NOT NULL, latest BIGINT NULL, detail TEXT NULL, backends TEXT NULL,"
+    " updated_at DATETIME(6) NOT NULL) ENGINE=InnoDB",
 )
 
 
@@ -176,6 +203,8 @@ class Fleet:
         self._publish_wanted = trio.Event()
         self._publish_lock = trio.Lock()
         self._published = False
+        #: fleet-wide routing rules (None: this sidecar neither follows nor publishes them)
+        self.rules: FleetRules | None = None
 
     async def ensure_schema(self) -> None:
         await self.db.query(f"CREATE DATABASE IF NOT EXISTS {self.schema}")
@@ -197,6 +226,8 @@ class Fleet:
                     await trio.sleep(2)
             self.ready.set()
             nursery.start_soon(self._heartbeat)
+            if self.rules is not None:
+                nursery.start_soon(self.rules.run)
             if self.sessions is not None:
                 nursery.start_soon(self._publisher)
             await self._poll_cutovers()
@@ -228,6 +259,8 @@ class Fleet:
         with trio.move_on_after(1):
             try:
                 await self.db.query(f"DELETE FROM {self.schema}.sidecars WHERE id = {literal(self.id)}")
+                if self.rules is not None:
+                    await self.db.query(f"DELETE FROM {self.schema}.sidecar_rules WHERE sidecar = {literal(self.id)}")
                 if self._published:
                     await self.db.query(f"DELETE FROM {self.schema}.sessions WHERE sidecar = {literal(self.id)}")
             except Exception as error:
@@ -483,3 +516,243 @@ class FleetGate:
         with trio.CancelScope(shield=True):
             await self.db.query(f"DELETE FROM {self.schema}.cutovers WHERE table_key = {literal(key)}")
             await self.db.query(f"DELETE FROM {self.schema}.hold_acks WHERE table_key = {literal(key)}")
+
+
+# --------------------------------------------------------------------------- fleet-wide routing rules
+
+#: published versions kept in routing_rules (older ones are pruned at publish)
+KEEP_VERSIONS = 100
+#: a sidecar rewrites its sidecar_rules row at least this often, even unchanged
+REPORT_EVERY = 30.0
+
+
+class FleetRules:
+    """Publish a rule set to every sidecar, and follow the newest published one.
+
+    ``Router`` owns the live rules and knows where they came from; this
+    object does the state-schema I/O: the newest version number once every
+    ``interval`` (one indexed row), the document only when that number
+    changed, and this sidecar's report in ``sidecar_rules`` when it changed.
+    One lock orders publishing and loading, so a slow poll never puts an
+    older version back over one just published here.
+    """
+
+    def __init__(self, fleet: Fleet, router: Router, *, follow: bool = True, interval: float = 1.0) -> None:
+        self.fleet = fleet
+        self.db = fleet.db
+        self.schema = fleet.schema
+        self.router = router
+        self.follow = follow
+        self.interval = interval
+        self.last_error: str | None = None
+        self._lock = trio.Lock()
+        self._reported: tuple[object, ...] | None = None
+        self._reported_at = -math.inf
+        router.fleet_following = follow
+        self.backends = ",".join(f"{name}:{role}" for name, role in router.roles.items())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+                self.last_error = None
+            except Exception as error:  # keep polling through outages; the live rules stay as they are
+                if str(error) != self.last_error:
+                    log.warning("fleet rules: cannot read the published rules: %s", error)
+                self.last_error = str(error)
+            await trio.sleep(self.interval)
+
+    async def poll_once(self) -> None:
+        """Read the newest version; load it if it is new here (and followed); report."""
+        async with self._lock:
+            latest = await self._latest()
+            self.router.fleet_latest = latest
+            if self.follow and latest is not None and fleet_version_changed(latest, self.router.fleet_handled):
+                try:
+                    await self._load(latest)
+                except RuleError:
+                    pass  # refused: recorded on the router, reported below
+        await self.report()
+
+    async def _latest(self) -> int | None:
+        rows = (await self.db.query(
+            f"SELECT version FROM {self.schema}.routing_rules ORDER BY version DESC LIMIT 1"
+        )).text_rows()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def _document(self, version: int) -> dict[str, str | None] | None:
+        rows = (await self.db.query(
+            f"SELECT version, published_by, published_at, note, document FROM {self.schema}.routing_rules "
+            f"WHERE version = {int(version)}"
+        )).dicts()
+        return rows[0] if rows else None
+
+    async def _load(self, version: int) -> RuleSet | None:
+        """Make ``version`` live, or refuse it (raises ``RuleError``; the live rules stay)."""
+        row = await self._document(version)
+        if row is None:
+            return None  # pruned or the schema was reset meanwhile: the next poll sees what is there
+        try:
+            rules = self.router.apply_fleet(decode_rules(row["document"] or ""), version)
+        except RuleError as error:
+            reason = f"cannot load fleet rule version {version} (published by {row['published_by']}): {error}"
+            self.router.refuse_fleet(version, reason)
+            self.fleet.events.emit("rules.fleet_refused", version=version, detail=reason)
+            raise RuleError(error.rule_id, error.field, f"{error.problem} (fleet rule version {version}; "
+                            "this sidecar keeps its live rules)") from None
+        self.fleet.events.emit("rules.fleet_applied", version=version, rules=len(rules.specs))
+        return rules
+
+    async def report(self, *, force: bool = False) -> None:
+        """This sidecar's line in ``sidecar_rules`` (written when it changed, or every REPORT_EVERY)."""
+        router = self.router
+        summary = router.fleet_summary()
+        detail: str | None = None
+        if router.fleet_refused is not None:
+            detail = router.fleet_refused[1]
+        elif router.rules_source == "local" and router.fleet_latest is not None:
+            detail = (f"a local APPLY RULES replaced fleet version {router.fleet_version}"
+                      if router.fleet_version is not None else "rules applied locally, not from the fleet")
+        elif not self.follow:
+            detail = "routing.fleet_rules = false: this sidecar ignores the fleet's rules"
+        status = (summary["live_version"], router.rules_source, summary["state"], router.fleet_latest, detail)
+        now = trio.current_time()
+        if not force and status == self._reported and now - self._reported_at < REPORT_EVERY:
+            return
+        live_version, source, state, latest, _ = status
+        await self.db.query(
+            f"REPLACE INTO {self.schema}.sidecar_rules (sidecar, version, source, state, latest, detail, backends, "
+            f"updated_at) VALUES ({literal(self.fleet.id)}, {literal(live_version)}, {literal(source)}, "
+            f"{literal(state)}, {literal(latest)}, {literal(detail[:2000] if detail else None)}, "
+            f"{literal(self.backends)}, NOW(6))"
+        )
+        self._reported, self._reported_at = status, now
+
+    # -- operator commands ------------------------------------------------------------------
+
+    async def publish(self, note: str | None = None) -> tuple[int, RuleSet, list[str]]:
+        """APPLY RULES TO FLEET: check the staged rules like APPLY RULES, store them as a new
+        version, make them live here.  (version, live rules, warnings about sidecars that
+        cannot load them).  Raises ``RuleError`` (bad rule) or ``ControlError`` (state schema
+        unreachable); either way nothing changed, here or in the fleet.
+        """
+        from proxy.control import ControlError
+
+        router = self.router
+        async with self._lock:
+            rules = router.check_staged()
+            document = encode_rules(rules.specs)
+            try:
+                result = await self.db.query(
+                    f"INSERT INTO {self.schema}.routing_rules (published_by, published_at, note, rule_count, "
+                    f"document) VALUES ({literal(self.fleet.id)}, NOW(6), {literal(note[:255] if note else None)}, "
+                    f"{len(rules.specs)}, {literal(document)})"
+                )
+            except (BackendError, BackendUnavailable, ConnectionClosed, OSError, trio.TooSlowError) as error:
+                raise ControlError(f"rules not published, nothing changed: cannot write "
+                                   f"{self.schema}.routing_rules: {error}") from None
+            version = result.ok.last_insert_id if result.ok is not None else 0
+            router.apply_fleet(rules.specs, version, rules=rules)
+            router.fleet_latest = version
+            log.info("fleet rule version %d published from this sidecar: %d rules", version, len(rules.specs))
+            self.fleet.events.emit("rules.fleet_published", version=version, rules=len(rules.specs), note=note)
+        warnings: list[str] = []
+        try:
+            await self.db.query(
+                f"DELETE FROM {self.schema}.routing_rules WHERE version <= {version - KEEP_VERSIONS}"
+            )
+            warnings = await self._who_cannot_load(rules.specs, version)
+            await self.report(force=True)
+        except Exception as error:  # published and live already; the rest is a courtesy
+            log.warning("fleet rules: after publishing version %d: %s", version, error)
+        return version, rules, warnings
+
+    async def _who_cannot_load(self, specs: tuple[RuleSpec, ...], version: int) -> list[str]:
+        """Live sidecars whose backends (as they reported them) cannot take these rules."""
+        rows = (await self.db.query(
+            f"SELECT r.sidecar, r.backends FROM {self.schema}.sidecar_rules r "
+            f"JOIN {self.schema}.sidecars s ON s.id = r.sidecar "
+            f"WHERE s.heartbeat_at > NOW(6) - INTERVAL {int(LIVE_SECONDS * 1000)} * 1000 MICROSECOND "
+            f"AND r.sidecar <> {literal(self.fleet.id)} ORDER BY r.sidecar"
+        )).text_rows()
+        warnings = []
+        for sidecar, backends in rows:
+            roles = dict(item.split(":", 1) for item in (backends or "").split(",") if ":" in item)
+            if not roles:
+                continue
+            try:
+                compile_rules(specs, roles)
+            except RuleError as error:
+                warnings.append(f"sidecar {sidecar} cannot load fleet rule version {version} and will keep "
+                                f"its rules: {error}")
+        return warnings
+
+    async def load_latest(self) -> tuple[int, RuleSet]:
+        """LOAD RULES FROM FLEET: the newest version live here now, even after a local
+        APPLY RULES or a refusal.  Raises ``RuleError`` (cannot load: rules unchanged)."""
+        from proxy.control import ControlError
+
+        async with self._lock:
+            latest = await self._latest()
+            self.router.fleet_latest = latest
+            if latest is None:
+                raise ControlError("no rules were published to the fleet yet (APPLY RULES TO FLEET publishes)")
+            rules = await self._load(latest)
+            if rules is None:
+                raise ControlError(f"fleet rule version {latest} disappeared while loading it; try again")
+        await self.report(force=True)
+        return latest, rules
+
+    # -- admin tables ------------------------------------------------------------------------
+
+    async def versions(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = (await self.db.query(
+            f"SELECT version, published_by, published_at, note, rule_count AS rules "
+            f"FROM {self.schema}.routing_rules ORDER BY version DESC"
+        )).dicts()
+        router = self.router
+        newest = int(rows[0]["version"]) if rows else None
+        for row in rows:
+            version = int(row["version"])
+            row["version"] = version
+            row["rules"] = int(row["rules"])
+            row["latest"] = version == newest
+            row["live_here"] = router.rules_source == "fleet" and router.fleet_version == version
+        return rows
+
+    async def published_rules(self) -> list[dict[str, Any]]:
+        """The rules of the newest version, one row each."""
+        from proxy.control import ControlError
+
+        latest = await self._latest()
+        row = None if latest is None else await self._document(latest)
+        if row is None:
+            return []
+        try:
+            specs = decode_rules(row["document"] or "")
+        except RuleError as error:
+            raise ControlError(f"fleet rule version {latest} cannot be read by this sidecar: {error}") from None
+        head = {"version": latest, "published_by": row["published_by"], "published_at": row["published_at"],
+                "note": row["note"]}
+        return [{**head, **{k: v for k, v in spec_row(spec).items() if k != "note"}, "rule_note": spec.note or None}
+                for spec in specs]
+
+    async def sidecar_rows(self) -> list[dict[str, Any]]:
+        """Every registered sidecar and the fleet rule version it runs."""
+        latest = await self._latest()
+        rows: list[dict[str, Any]] = (await self.db.query(
+            f"SELECT s.id AS sidecar, s.listen, "
+            f"TIMESTAMPDIFF(MICROSECOND, s.heartbeat_at, NOW(6)) / 1e6 AS heartbeat_age, "
+            f"r.version, r.source, r.state, r.latest AS seen_version, r.detail, r.updated_at "
+            f"FROM {self.schema}.sidecars s LEFT JOIN {self.schema}.sidecar_rules r ON r.sidecar = s.id "
+            f"ORDER BY s.id"
+        )).dicts()
+        for row in rows:
+            row["version"] = int(row["version"]) if row["version"] is not None else None
+            row["seen_version"] = int(row["seen_version"]) if row["seen_version"] is not None else None
+            row["fleet_version"] = latest
+            row["converged"] = latest is not None and row["version"] == latest
+            row["live"] = float(row["heartbeat_age"] or 1e9) < LIVE_SECONDS
+            row["this_sidecar"] = row["sidecar"] == self.fleet.id
+            del row["heartbeat_age"]
+        return rows

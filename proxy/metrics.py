@@ -417,6 +417,18 @@ class RoutingCounters(Protocol):
     @property
     def replica_states(self) -> dict[str, str]: ...
 
+    fleet_latest: int | None
+
+    @property
+    def fleet_rules_version(self) -> int: ...
+
+    @property
+    def fleet_state(self) -> str: ...
+
+
+#: the states ``tidegate_fleet_rules_state`` reports (proxy.router.FLEET_STATES)
+FLEET_RULE_STATES = ("off", "ignoring", "none", "converged", "behind", "refused", "diverged")
+
 
 class _RoutingCollector:
     def __init__(self, router: RoutingCounters) -> None:
@@ -453,6 +465,27 @@ class _RoutingCollector:
         for backend, state in sorted(router.replica_states.items()):
             up.add_metric([backend, state], 1.0 if state == "up" else 0.0)
         yield up
+        yield GaugeMetricFamily(
+            "tidegate_fleet_rules_version",
+            "Fleet routing rule version live on this sidecar (0: rules from the configuration file or a "
+            "local APPLY RULES).",
+            value=router.fleet_rules_version,
+        )
+        yield GaugeMetricFamily(
+            "tidegate_fleet_rules_latest_version",
+            "Newest fleet routing rule version this sidecar has seen published (0: none, or not read).",
+            value=router.fleet_latest or 0,
+        )
+        states = GaugeMetricFamily(
+            "tidegate_fleet_rules_state",
+            "1 for this sidecar's state against the fleet's rules: converged, behind, refused (cannot load the "
+            "newest version, keeps its rules), diverged (local APPLY RULES), none, ignoring or off.",
+            labels=["state"],
+        )
+        current = router.fleet_state
+        for name in FLEET_RULE_STATES:
+            states.add_metric([name], 1.0 if name == current else 0.0)
+        yield states
 
 
 class _LiveCollector:

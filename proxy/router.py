@@ -7,7 +7,10 @@ module owns what changes over time:
 
 * the **rules**: a live ``RuleSet`` and a staged copy that the admin port
   edits; ``apply()`` checks every staged rule and swaps the live set in one
-  step, or refuses and leaves the live set as it was;
+  step, or refuses and leaves the live set as it was.  It also knows where
+  the live set came from: the configuration file, a fleet-wide version
+  (``proxy.fleet.FleetRules`` loads it with ``apply_fleet``) or a local
+  ``APPLY RULES``, and so whether this sidecar runs the fleet's newest set;
 * **replica health**: a probe loop reads each replica's applied GTID position
   and the primary's binlog position with the service account and estimates
   the lag from when the primary reached a position the replica has not
@@ -308,6 +311,48 @@ class Mirror:
                     await connection.aclose(polite=False)
 
 
+# --------------------------------------------------------------------------- fleet rule state
+
+#: where a sidecar's live rules stand against the fleet's newest published set
+FLEET_STATES = ("off", "ignoring", "none", "converged", "behind", "refused", "diverged")
+
+
+def fleet_rules_state(
+    *, following: bool | None, source: str, live_version: int | None, latest: int | None, refused: int | None,
+) -> str:
+    """One word for admin tables, ``/status`` and metrics (see ``FLEET_STATES``).
+
+    off: no state schema to read (no service account, migrations disabled);
+    ignoring: ``routing.fleet_rules = false``; none: nothing published yet;
+    converged: the newest version is live; refused: this sidecar cannot load
+    the newest version and keeps its rules; diverged: a local APPLY RULES
+    replaced the fleet's rules; behind: not loaded yet (the next poll does).
+    """
+    if following is None:
+        return "off"
+    if not following:
+        return "ignoring"
+    if latest is None:
+        return "none"
+    if source == "fleet" and live_version == latest:
+        return "converged"
+    if refused == latest:
+        return "refused"
+    if source == "local":
+        return "diverged"
+    return "behind"
+
+
+def fleet_version_changed(latest: int | None, handled: int | None) -> bool:
+    """Whether the newest published version is one this sidecar has not loaded or refused yet.
+
+    "Differs", not "is greater": a state schema that was dropped and created
+    again numbers its versions from 1, and its newest set must still win.
+    Nothing published (None) changes nothing: the live rules stay.
+    """
+    return latest is not None and latest != handled
+
+
 # --------------------------------------------------------------------------- the router
 
 
@@ -337,6 +382,16 @@ class Router:
         }
         self.rules: RuleSet = compile_rules(rules, self.roles)
         self.staged: dict[int, RuleSpec] = {spec.id: spec for spec in self.rules.specs}
+        #: where the live rules came from: config (the file), fleet (a published version) or local
+        self.rules_source = "config"
+        #: the fleet version that is live (source fleet), or that a local APPLY RULES replaced
+        self.fleet_version: int | None = None
+        #: None: fleet rules are not read here (no state schema); False: ignored by configuration
+        self.fleet_following: bool | None = None
+        #: newest version seen in the state schema; the last one loaded or refused; a refusal
+        self.fleet_latest: int | None = None
+        self.fleet_handled: int | None = None
+        self.fleet_refused: tuple[int, str] | None = None
         self.classifier = classifier or Classifier()
         self.split = routing.read_write_split and bool(self.replicas)
         self.read_your_writes = routing.read_your_writes
@@ -566,6 +621,8 @@ class Router:
             "read_write_split": self.split,
             "rules_live": len(self.rules.specs),
             "rules_pending": self.pending,
+            "rules_source": self.rules_source,
+            "fleet_rules": self.fleet_summary(),
             "replicas": {
                 name: {"state": health.state, "lag_seconds": health.lag, "error": health.error}
                 for name, health in self.replicas.items()
@@ -623,14 +680,85 @@ class Router:
         if self.staged.pop(rule_id, None) is None:
             raise RuleError(rule_id, "id", f"no staged rule {rule_id}")
 
+    def check_staged(self) -> RuleSet:
+        """The staged rules compiled, as APPLY RULES would make them live; raises ``RuleError``."""
+        return compile_rules(self.staged.values(), self.roles)
+
     def apply(self) -> RuleSet:
-        """Make the staged rules live in one step, or raise ``RuleError`` and change nothing."""
-        rules = compile_rules(self.staged.values(), self.roles)
+        """Make the staged rules live in one step, or raise ``RuleError`` and change nothing.
+
+        Local only: a sidecar that ran a fleet version now diverges from it
+        (until the next published version, or LOAD RULES FROM FLEET).
+        """
+        rules = self.check_staged()
+        self._install(rules)
+        if self.rules_source == "fleet":
+            log.warning("rules applied locally: %d live (%d active); this sidecar now diverges from fleet "
+                        "rule version %s", len(rules.specs), len(rules), self.fleet_version)
+        else:
+            log.info("rules applied: %d live (%d active)", len(rules.specs), len(rules))
+        self.rules_source = "local"
+        return rules
+
+    def apply_fleet(self, specs: Iterable[RuleSpec], version: int, *, rules: RuleSet | None = None) -> RuleSet:
+        """Make a published version live (``rules``: already compiled from ``specs``).
+
+        Raises ``RuleError`` and changes nothing when this sidecar cannot load
+        it; the caller records that with ``refuse_fleet``.  Staged edits in
+        progress are kept, on top of the new live set.
+        """
+        if rules is None:
+            rules = compile_rules(specs, self.roles)
+        previous = {spec.id: spec for spec in self.rules.specs}
+        edits = {rule_id: spec for rule_id, spec in self.staged.items() if previous.get(rule_id) != spec}
+        deleted = set(previous) - set(self.staged)
+        self._install(rules)
+        staged = {spec.id: spec for spec in rules.specs}
+        staged.update(edits)
+        for rule_id in deleted:
+            staged.pop(rule_id, None)
+        self.staged = staged
+        if staged != {spec.id: spec for spec in rules.specs}:
+            log.warning("fleet rule version %d: staged edits not applied yet are kept on top of it", version)
+        self.rules_source, self.fleet_version = "fleet", version
+        self.fleet_handled, self.fleet_refused = version, None
+        self.fleet_latest = version if self.fleet_latest is None else max(self.fleet_latest, version)
+        log.info("fleet rule version %d live: %d rules (%d active)", version, len(rules.specs), len(rules))
+        return rules
+
+    def refuse_fleet(self, version: int, reason: str) -> None:
+        """This sidecar cannot load ``version``: it keeps its live rules and says why."""
+        self.fleet_handled, self.fleet_refused = version, (version, reason)
+        log.error("fleet rule version %d refused, keeping the live rules (%s, fleet version %s): %s",
+                  version, self.rules_source, self.fleet_version, reason)
+
+    def _install(self, rules: RuleSet) -> None:
         rules.carry_hits(self.rules)
         self.rules = rules
         self._publish()
-        log.info("rules applied: %d live (%d active)", len(rules.specs), len(rules))
-        return rules
+
+    @property
+    def fleet_state(self) -> str:
+        return fleet_rules_state(
+            following=self.fleet_following, source=self.rules_source,
+            live_version=self.fleet_version if self.rules_source == "fleet" else None,
+            latest=self.fleet_latest, refused=self.fleet_refused[0] if self.fleet_refused else None,
+        )
+
+    @property
+    def fleet_rules_version(self) -> int:
+        """The fleet version live here; 0 for rules from the configuration file or a local APPLY RULES."""
+        return (self.fleet_version or 0) if self.rules_source == "fleet" else 0
+
+    def fleet_summary(self) -> dict[str, object]:
+        return {
+            "state": self.fleet_state,
+            "live_version": self.fleet_version if self.rules_source == "fleet" else None,
+            "diverged_from": self.fleet_version if self.rules_source == "local" else None,
+            "latest_version": self.fleet_latest,
+            "refused_version": self.fleet_refused[0] if self.fleet_refused else None,
+            "refused_because": self.fleet_refused[1] if self.fleet_refused else None,
+        }
 
     def discard(self) -> None:
         self.staged = {spec.id: spec for spec in self.rules.specs}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -44,8 +45,10 @@ __all__ = [
     "RuleSpec",
     "bucket",
     "compile_rules",
+    "decode_rules",
     "digest",
     "digest_text",
+    "encode_rules",
     "make_spec",
     "spec_row",
 ]
@@ -762,3 +765,50 @@ def session_effect(sql: str, facts: Facts) -> str | None:
 
 def is_set_names(sql: str) -> bool:
     return _SET_NAMES.match(sql) is not None
+
+
+# --------------------------------------------------------------------------- rule sets as documents
+
+#: version of the document layout below; a sidecar refuses a layout it does not know
+DOCUMENT_FORMAT = 1
+_DEFAULTS = RuleSpec(id=1)
+
+
+def encode_rules(specs: Iterable[RuleSpec]) -> str:
+    """A whole rule set as one JSON document (what the fleet stores per version).
+
+    Only settings that differ from their defaults are written, so a document
+    stays readable and an older sidecar reading a newer document meets an
+    unknown setting only when the rule really uses it.
+    """
+    rules: list[dict[str, object]] = []
+    defaults = spec_values(_DEFAULTS)
+    for spec in sorted(specs, key=lambda item: item.id):
+        values = spec_values(spec)
+        rules.append({name: value for name, value in values.items()
+                      if name == "id" or value != defaults[name]})
+    return json.dumps({"format": DOCUMENT_FORMAT, "rules": rules}, sort_keys=True, separators=(",", ":"))
+
+
+def decode_rules(text: str) -> tuple[RuleSpec, ...]:
+    """The rules of a document from ``encode_rules``; raises ``RuleError`` (nothing half-read).
+
+    Each rule is checked on its own here (``make_spec``); ``compile_rules``
+    checks the set against this sidecar's backends.
+    """
+    try:
+        document = json.loads(text)
+    except ValueError as error:
+        raise RuleError(None, "document", f"not valid JSON: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
+        raise RuleError(None, "document", 'expected {"format": 1, "rules": [...]}')
+    layout = document.get("format")
+    if layout != DOCUMENT_FORMAT:
+        raise RuleError(None, "document", f"format {layout!r} is not one this sidecar reads "
+                        f"(it reads format {DOCUMENT_FORMAT}); upgrade it")
+    specs: list[RuleSpec] = []
+    for item in document["rules"]:
+        if not isinstance(item, dict):
+            raise RuleError(None, "document", f"expected a rule object, got {item!r}")
+        specs.append(make_spec(item))
+    return tuple(specs)

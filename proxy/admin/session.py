@@ -68,6 +68,14 @@ DATABASES = (SCHEMA_NAME, "information_schema")
 
 #: tables whose rows come from the migration service (may be disabled)
 _SERVICE_TABLES = ("migrations", "sidecars")
+#: tables whose rows come from the state schema's fleet rules (proxy.fleet.FleetRules)
+_FLEET_RULE_READERS = {
+    "fleet_rules": "published_rules",
+    "fleet_rule_versions": "versions",
+    "sidecar_rules": "sidecar_rows",
+}
+_NO_FLEET = ("fleet rules need the state schema: this sidecar has no service account (a DSN with user) "
+             "or migrations_enabled is false")
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,8 @@ class AdminSession(Session):  # type: ignore[misc]
             "blockers": control.blockers,
         }
         reader = readers.get(table)
+        if reader is None and table in _FLEET_RULE_READERS:
+            reader = getattr(self._fleet_rules(), _FLEET_RULE_READERS[table])
         if reader is None:
             method: Callable[[], list[dict[str, Any]]] = getattr(control, table)
 
@@ -277,8 +287,17 @@ class AdminSession(Session):  # type: ignore[misc]
         note = f"{what}: {self._NOT_LIVE}"
         self._finish(Outcome(affected_rows=count, info=note, warnings=(note,)))
 
+    def _fleet_rules(self) -> Any:
+        fleet_rules = getattr(self.control.app, "fleet_rules", None)
+        if fleet_rules is None:
+            raise ControlError(_NO_FLEET)
+        return fleet_rules
+
     async def _rules_verb(self, verb: RulesVerb) -> None:
         control = self.control
+        if verb.verb in ("publish", "load_fleet"):
+            await self._fleet_verb(verb)
+            return
         if verb.verb == "discard":
 
             async def discard() -> None:
@@ -297,7 +316,33 @@ class AdminSession(Session):  # type: ignore[misc]
             raise MysqlError(
                 f"rules not applied, the live rules are unchanged: {error}", ER_WRONG_VALUE_FOR_VAR
             ) from None
-        self._finish(Outcome(affected_rows=total, info=f"{total} rules live ({active} active)"))
+        info = f"{total} rules live ({active} active)"
+        router = getattr(control.app, "router", None)
+        if router is not None and router.fleet_latest is not None:
+            note = (f"{info} on this sidecar only: it now diverges from fleet rule version {router.fleet_latest} "
+                    "(APPLY RULES TO FLEET publishes to every sidecar; LOAD RULES FROM FLEET goes back)")
+            self._finish(Outcome(affected_rows=total, info=note, warnings=(note,)))
+            return
+        self._finish(Outcome(affected_rows=total, info=info))
+
+    async def _fleet_verb(self, verb: RulesVerb) -> None:
+        fleet_rules = self._fleet_rules()
+        warnings: tuple[str, ...] = ()
+        try:
+            if verb.verb == "publish":
+                version, rules, problems = await self._in_trio(fleet_rules.publish, verb.note)
+                warnings = tuple(problems)
+                info = (f"fleet rule version {version} published: {len(rules.specs)} rules ({len(rules)} active), "
+                        "live here now; every sidecar loads it within a heartbeat (SELECT * FROM sidecar_rules)")
+            else:
+                version, rules = await self._in_trio(fleet_rules.load_latest)
+                info = f"fleet rule version {version} live here: {len(rules.specs)} rules ({len(rules)} active)"
+        except RuleError as error:
+            what = "rules not published, nothing changed" if verb.verb == "publish" else "rules unchanged"
+            raise MysqlError(f"{what}: {error}", ER_WRONG_VALUE_FOR_VAR) from None
+        if warnings:
+            info += f"; {len(warnings)} warning(s): SHOW WARNINGS"
+        self._finish(Outcome(affected_rows=len(rules.specs), info=info, warnings=warnings))
 
     async def _run_verb(self, verb: MigrationVerb) -> None:
         control, migration_id = self.control, verb.migration_id

@@ -20,6 +20,8 @@ The grammar (docs/admin.md has examples)::
     DELETE FROM rules WHERE id = <n>                               -- staged
     APPLY RULES | LOAD RULES TO RUNTIME                            -- staged -> live
     DISCARD RULES                                                  -- staged := live
+    APPLY RULES TO FLEET ['<note>']          -- staged -> published version -> live everywhere
+    LOAD RULES FROM FLEET                    -- the newest published version -> live here
 """
 
 from __future__ import annotations
@@ -443,7 +445,8 @@ def refuse(statement: exp.Expression) -> AdminError:
         f"{kind} is not supported on the admin port: it takes SELECT/SHOW on its tables, "
         "INSERT INTO migrations, UPDATE migrations ... WHERE id = <n>, "
         "CANCEL | CUT OVER | POSTPONE | THROTTLE | UNTHROTTLE MIGRATION <id>, "
-        "INSERT/UPDATE/DELETE on rules and APPLY | DISCARD RULES (see docs/admin.md)",
+        "INSERT/UPDATE/DELETE on rules, APPLY | DISCARD RULES, APPLY RULES TO FLEET and "
+        "LOAD RULES FROM FLEET (see docs/admin.md)",
     )
 
 
@@ -479,16 +482,27 @@ class DeleteRule:
 
 @dataclass(frozen=True)
 class RulesVerb:
-    verb: str  # apply or discard
+    verb: str  # apply, discard, publish (APPLY RULES TO FLEET) or load_fleet (LOAD RULES FROM FLEET)
+    note: str | None = None
 
 
 _RULES_VERB = re.compile(
     r"\s*(?:(APPLY)\s+RULES|(DISCARD)\s+RULES|LOAD\s+(?:MYSQL\s+QUERY\s+)?RULES\s+TO\s+RUNTIME)\s*;?\s*",
     re.I,
 )
+_FLEET_VERB = re.compile(r"\s*(APPLY\s+RULES\s+TO|LOAD\s+RULES\s+FROM)\s+FLEET\b(.*)", re.I | re.S)
+_FLEET_NOTE = re.compile(r"\s*(?:('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"))?\s*;?\s*", re.S)
 
 
 def parse_rules_verb(sql: str) -> RulesVerb | None:
+    fleet = _FLEET_VERB.fullmatch(sql)
+    if fleet is not None:
+        publish = fleet.group(1).upper().startswith("APPLY")
+        rest = _FLEET_NOTE.fullmatch(fleet.group(2))
+        if rest is None or (rest.group(1) is not None and not publish):
+            raise AdminError(ER_PARSE_ERROR, "syntax: APPLY RULES TO FLEET ['<note>'] | LOAD RULES FROM FLEET")
+        note = _unquote(rest.group(1)).strip() if rest.group(1) is not None else None
+        return RulesVerb("publish" if publish else "load_fleet", note or None)
     match = _RULES_VERB.fullmatch(sql)
     if match is None:
         return None

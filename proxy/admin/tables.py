@@ -178,6 +178,57 @@ RULES = Table(
     ),
 )
 
+_RULE_COLUMNS = tuple(column for column in RULES.columns if column.name not in ("state", "hits", "pending", "note"))
+
+FLEET_RULES = Table(
+    "fleet_rules",
+    "the fleet's newest published rule set (APPLY RULES TO FLEET), one rule a row; every sidecar "
+    "that follows the fleet loads it (see sidecar_rules)",
+    (
+        _c("version", "BIGINT", "the published version these rules belong to"),
+        _c("published_by", "TEXT", "sidecar whose admin port published it"),
+        _c("published_at", "DATETIME", "when"),
+        _c("note", "TEXT", "the text given to APPLY RULES TO FLEET 'note'"),
+        *_RULE_COLUMNS,
+        _c("rule_note", "TEXT", "the rule's own note"),
+    ),
+)
+
+FLEET_RULE_VERSIONS = Table(
+    "fleet_rule_versions",
+    "published fleet rule sets, newest first (the last 100 are kept)",
+    (
+        _c("version", "BIGINT", "version number; the newest one is the fleet's rule set"),
+        _c("published_by", "TEXT", "sidecar whose admin port published it"),
+        _c("published_at", "DATETIME", "when"),
+        _c("note", "TEXT", "the text given to APPLY RULES TO FLEET 'note'"),
+        _c("rules", "BIGINT", "rules in the set"),
+        _c("latest", "TINYINT", "1 for the newest version"),
+        _c("live_here", "TINYINT", "1 if this sidecar runs this version now"),
+    ),
+)
+
+SIDECAR_RULES = Table(
+    "sidecar_rules",
+    "every registered sidecar and the fleet rule version it runs: who has not converged, and why",
+    (
+        _c("sidecar", "TEXT", "sidecar id (see sidecars)"),
+        _c("listen", "TEXT", "its proxy address"),
+        _c("version", "BIGINT", "fleet rule version live there (NULL: configuration-file or local rules)"),
+        _c("fleet_version", "BIGINT", "the newest published version now"),
+        _c("converged", "TINYINT", "1 if version = fleet_version"),
+        _c("state", "TEXT", "converged, behind (loads it at its next poll), refused (cannot load the newest "
+           "version, keeps its rules), diverged (a local APPLY RULES), none (nothing published), ignoring "
+           "(routing.fleet_rules = false)"),
+        _c("source", "TEXT", "where its live rules come from: config, fleet or local"),
+        _c("seen_version", "BIGINT", "newest version it had seen at its last report"),
+        _c("detail", "TEXT", "why it refused the newest version, or how it diverged"),
+        _c("updated_at", "DATETIME", "its last report (NULL: it has not reported, e.g. an older sidecar)"),
+        _c("live", "TINYINT", "1 if its heartbeat is recent"),
+        _c("this_sidecar", "TINYINT", "1 for the sidecar this admin port belongs to"),
+    ),
+)
+
 HOLDS = Table(
     "holds",
     "cut-over holds of this sidecar: active ones first, then the last 100 finished",
@@ -330,7 +381,8 @@ EVENTS = Table(
 
 TABLES: dict[str, Table] = {
     table.name: table
-    for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS, RULES, BLOCKERS, EVENTS)
+    for table in (SESSIONS, BACKENDS, HOLDS, STATS, SETTINGS, MIGRATIONS, SIDECARS, RULES, FLEET_RULES,
+                  FLEET_RULE_VERSIONS, SIDECAR_RULES, BLOCKERS, EVENTS)
 }
 
 

@@ -208,7 +208,8 @@ def test_backends_stats_settings(
 
 def test_show_tables_and_columns(admin: Connection) -> None:
     assert [name for (name,) in rows(admin, "SHOW TABLES")] == sorted(
-        ["sessions", "backends", "holds", "stats", "settings", "migrations", "sidecars", "rules", "blockers", "events"]
+        ["sessions", "backends", "holds", "stats", "settings", "migrations", "sidecars", "rules", "fleet_rules",
+         "fleet_rule_versions", "sidecar_rules", "blockers", "events"]
     )
     fields = [row[0] for row in rows(admin, "SHOW COLUMNS FROM sessions")]
     assert fields[:4] == ["id", "user", "client", "schema"] and "in_transaction" in fields
