@@ -13,7 +13,7 @@ unneeded wait during a hold.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 Table = tuple[str | None, str]  # (schema or None for the session's, table), lower case
@@ -42,6 +42,10 @@ class Facts:
     #: the statement with its literals as ``?`` (comments and identifiers kept):
     #: statements differing only in literals share it, and their facts
     shape: bytes = b""
+    #: every ``name(`` / ``schema.name(`` in the statement: built-in functions,
+    #: stored functions and a few look-alikes (``INSERT INTO t(a)``).  The gate
+    #: matches them against the stored functions that reach a held table.
+    calls: tuple[Table, ...] = ()
 
     def resolved(self, schema: str | None) -> frozenset[str] | None:
         """``schema.table`` names with the session's schema filled in."""
@@ -49,6 +53,13 @@ class Facts:
             return None
         default = (schema or "").lower()
         return frozenset(f"{s or default}.{t}" for s, t in self.tables)
+
+    def reach(self, schema: str | None) -> frozenset[str] | None:
+        """What a cut-over hold compares: the tables plus ``schema.function`` of every call."""
+        if self.tables is None:
+            return None
+        default = (schema or "").lower()
+        return frozenset(f"{s or default}.{t}" for s, t in (*self.tables, *self.calls))
 
 
 _KINDS = {
@@ -220,6 +231,14 @@ def _statement_facts(tokens: list[tuple[str, str]], comments: list[str], multi: 
         if word in ("VIEW", "TRIGGER", "PROCEDURE", "FUNCTION", "EVENT") and kind is Kind.DDL:
             opaque = True
         index += 1
+    calls: list[Table] = []
+    for index in range(1, count):
+        if tokens[index] == ("punct", "(") and tokens[index - 1][0] in ("word", "ident"):
+            name = tokens[index - 1][1].lower()
+            if index >= 3 and tokens[index - 2] == ("punct", ".") and tokens[index - 3][0] in ("word", "ident"):
+                calls.append((tokens[index - 3][1].lower(), name))
+            else:
+                calls.append((None, name))
     # User variables (@v) live in the primary's session; reading a system
     # variable (@@v) is answered alike by a replica (session ones only differ
     # after a SET, which pins the session to the primary anyway).
@@ -234,6 +253,7 @@ def _statement_facts(tokens: list[tuple[str, str]], comments: list[str], multi: 
         locking=locking,
         primary_only=primary_only,
         multi=multi,
+        calls=tuple(dict.fromkeys(calls)),
     )
 
 
@@ -322,7 +342,7 @@ def classify_text(sql: str) -> Facts:
     if len(statements) == 1:
         facts = _statement_facts(statements[0], lexer.comments, False)
         if facts.primary_only is False and _PRIMARY_FUNCTIONS.search(sql.encode("utf-8", "replace")):
-            return Facts(facts.kind, facts.keyword, facts.tables, facts.tags, facts.locking, True, False)
+            return replace(facts, primary_only=True)
         return facts
     parts = [_statement_facts(s, [], True) for s in statements]
     tables: list[Table] | None = []
@@ -342,6 +362,7 @@ def classify_text(sql: str) -> Facts:
         locking=any(p.locking for p in parts),
         primary_only=True,
         multi=True,
+        calls=tuple(dict.fromkeys(call for part in parts for call in part.calls)),
     )
 
 
@@ -391,8 +412,7 @@ class Classifier:
         if facts is None:
             self.misses += 1
             facts = classify_text(shape.decode("utf-8", "replace"))
-            facts = Facts(facts.kind, facts.keyword, facts.tables, facts.tags, facts.locking,
-                          facts.primary_only, facts.multi, shape)
+            facts = replace(facts, shape=shape)
             if len(self._shapes) >= self._size:
                 self._shapes.clear()
             self._shapes[shape] = facts

@@ -149,7 +149,7 @@ class Gate:
         if not session.in_transaction:
             return False
         for sql in session.transaction_sql():
-            tables = self.classifier.classify(sql).resolved(session.schema)
+            tables = self.classifier.classify(sql).reach(session.schema)
             if tables is None or not tables.isdisjoint(hold.aliases):
                 return True
         return False
@@ -206,7 +206,7 @@ class Gate:
                 continue
             inflight = session.inflight_sql()
             if inflight is not None:
-                tables = self.classifier.classify(inflight).resolved(session.schema)
+                tables = self.classifier.classify(inflight).reach(session.schema)
                 if tables is None or not tables.isdisjoint(hold.aliases):
                     text = inflight[:120].decode("utf-8", "replace")
                     reasons.append((session.connection_id, f"running {text!r}"))

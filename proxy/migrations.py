@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -596,9 +597,19 @@ class MigrationService:
             log.warning("migration %d: progress not saved: %s", request_id, error)
 
     async def dependents(self, schema: str, table: str) -> set[str]:
-        """Views and tables whose triggers reach ``schema.table``: statements on
-        them touch the table too.  (Stored functions are not followed: a
-        statement calling one is not recognisable from its text.)"""
+        """Views, tables whose triggers reach ``schema.table``, and stored functions
+        whose body names it: statements on (or calling) them touch the table too.
+
+        Procedures need nothing here: ``CALL`` is already "may touch anything".
+        Matching is by name in the definition text, erring on the side of
+        holding a statement that did not need it for a few milliseconds.
+        """
+        functions = (await self.db.query(
+            "SELECT ROUTINE_SCHEMA, ROUTINE_NAME, ROUTINE_DEFINITION FROM information_schema.ROUTINES "
+            f"WHERE ROUTINE_TYPE = 'FUNCTION' AND ROUTINE_DEFINITION LIKE {literal('%' + table + '%')}"
+        )).text_rows()
+        word = re.compile(rf"(?<![\w$]){re.escape(table)}(?![\w$])", re.IGNORECASE)
+        called = {f"{s}.{name}" for s, name, body in functions if s and name and body and word.search(body)}
         needle = literal(f"%`{table}`%")
         views = (await self.db.query(
             "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.VIEWS "
@@ -610,7 +621,7 @@ class MigrationService:
             f"AND NOT (EVENT_OBJECT_SCHEMA = {literal(schema)} AND EVENT_OBJECT_TABLE = {literal(table)})"
         )).text_rows()
         # Our own cut-over triggers live on the original and write the ghost; skip ghost names.
-        return {f"{s}.{t}" for s, t in views + triggers if s and t and not t.startswith("_")}
+        return {f"{s}.{t}" for s, t in views + triggers if s and t and not t.startswith("_")} | called
 
     # -- operator API (through Control) -------------------------------------------
 

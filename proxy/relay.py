@@ -1066,7 +1066,7 @@ class Relay:
         if sql is None:
             return
         facts = gate.classifier.classify(sql)
-        tables = facts.resolved(session.schema)
+        tables = facts.reach(session.schema)  # stored functions that reach a held table count too
         session.held = True
         try:
             self._waiter = await gate.admit(session, tables, self.proxy.settings.max_hold_wait)

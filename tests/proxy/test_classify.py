@@ -93,3 +93,23 @@ def test_cache() -> None:
 @given(st.text(max_size=200))
 def test_never_raises(text: str) -> None:
     classify_text(text)
+
+
+@pytest.mark.parametrize(
+    ("sql", "reach"),
+    [
+        ("SELECT order_count()", {"shop.order_count"}),
+        ("SELECT other.f(id) FROM t", {"other.f", "shop.t"}),
+        ("SELECT `my fn` (1); SELECT g(2) FROM u", {"shop.my fn", "shop.g", "shop.u"}),
+        ("SELECT 'f(1)' FROM t /* g(2) */", {"shop.t"}),  # not in strings or comments
+        ("CALL p()", None),
+    ],
+)
+def test_function_calls_reach_for_the_gate(sql: str, reach: set[str] | None) -> None:
+    facts = Classifier().classify(sql.encode())
+    found = facts.reach("shop")
+    if reach is None:
+        assert found is None
+    else:
+        assert found is not None and reach <= found
+        assert facts.resolved("shop") == frozenset(t for t in reach if t in ("shop.t", "shop.u"))

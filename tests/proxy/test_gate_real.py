@@ -117,3 +117,53 @@ def test_prepared_statement_on_held_table_waits(
     thread.join(5)
     assert box["seconds"] >= 0.25
     connection.close()
+
+
+def test_views_triggers_and_stored_functions_count_as_the_held_table(
+    tidegate: RunningProxy, primary: sandbox.Instance, database: str
+) -> None:
+    """A statement that reaches the table through a view, another table's trigger
+    or a stored function waits like one that names it; others flow."""
+    setup(primary, database)
+    primary.execute(
+        f"CREATE VIEW `{database}`.orders_view AS SELECT id, n FROM `{database}`.orders",
+        f"CREATE TABLE `{database}`.audit (id INT AUTO_INCREMENT PRIMARY KEY, n INT)",
+        f"CREATE TRIGGER `{database}`.audit_ai AFTER INSERT ON `{database}`.audit FOR EACH ROW "
+        f"UPDATE `{database}`.orders SET n = n + 1 WHERE id = 1",
+        f"CREATE FUNCTION `{database}`.order_count() RETURNS INT READS SQL DATA "
+        f"RETURN (SELECT COUNT(*) FROM orders)",
+        f"CREATE FUNCTION `{database}`.unrelated(x INT) RETURNS INT DETERMINISTIC RETURN x + 1",
+    )
+    statements = {
+        "view": "SELECT COUNT(*) FROM orders_view",
+        "trigger": "INSERT INTO audit (n) VALUES (1)",
+        "function": "SELECT order_count()",
+        "qualified function": f"SELECT `{database}`.order_count() FROM other",
+    }
+    connections = {name: pymysql.connect(host=tidegate.host, port=tidegate.port, database=database, **APP)
+                   for name in [*statements, "free"]}
+    assert hold(tidegate, database, "orders")
+    try:
+        waiting = {}
+        for name, sql in statements.items():
+            def run(connection: pymysql.connections.Connection = connections[name], sql: str = sql) -> None:  # type: ignore[type-arg]
+                with connection.cursor() as cursor:
+                    cursor.execute(sql)
+                    cursor.fetchall()
+
+            waiting[name] = timed(run)
+        # Unrelated statements, including another stored function, flow during the hold.
+        with connections["free"].cursor() as cursor:
+            started = time.monotonic()
+            cursor.execute("SELECT unrelated(1), COUNT(*) FROM other")
+            assert cursor.fetchone() == (2, 1)
+            assert time.monotonic() - started < 0.5
+        time.sleep(0.5)
+        assert [name for name, (thread, _) in waiting.items() if not thread.is_alive()] == []  # all held
+    finally:
+        release(tidegate, database, "orders")
+    for name, (thread, box) in waiting.items():
+        thread.join(10)
+        assert not thread.is_alive() and box["seconds"] >= 0.5, (name, box)
+    for connection in connections.values():
+        connection.close()
