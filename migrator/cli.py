@@ -8,11 +8,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from migrator import db, inspector
 from migrator.db import ConnectionSettings
+from migrator.hooks import HOOKS, HookError, Hooks, HookSettings, settings_from_flags
 from migrator.inspector import Refusal
 from migrator.runner import Migration, MigrationFailed, Progress, cancel_migration
 from migrator.spec import LoadThreshold, MigrationSpec, OldTablePolicy, SpecError
@@ -101,6 +103,30 @@ def migrate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def hook_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--hook``, ``--hooks-path``, ``--hook-timeout``, ``--hook-retry-interval`` (the CLI's own:
+    a sidecar configures hooks in ``[hooks]`` and migration options instead)."""
+    names = ", ".join(name.replace("_", "-") for name in HOOKS)
+    group = parser.add_argument_group(
+        "hooks", f"gh-ost style lifecycle hooks ({names}); see docs/migrator.md")
+    group.add_argument("--hook", action="append", default=[], metavar="NAME=COMMAND_OR_URL",
+                       help="run a shell command (facts in TIDEGATE_MIGRATION_* variables) or POST the facts "
+                       "as JSON to an http(s) URL at that point (repeatable; several for one hook run in order)")
+    group.add_argument("--hooks-path", metavar="DIR",
+                       help="every executable file in DIR named tidegate-on-<hook>* runs for that hook, "
+                       "in name order (gh-ost's --hooks-path)")
+    group.add_argument("--hook-timeout", metavar="SECONDS",
+                       help="longest a hook command or URL may take (default 30)")
+    group.add_argument("--hook-retry-interval", metavar="SECONDS",
+                       help="seconds between asks while before-cut-over vetoes (default 10)")
+
+
+def hook_settings_from_args(args: argparse.Namespace) -> tuple[HookSettings, list[str]]:
+    """The hooks the flags configure, and warnings about --hooks-path files; ``HookError`` when bad."""
+    return settings_from_flags(getattr(args, "hook", None) or [], getattr(args, "hooks_path", None),
+                               getattr(args, "hook_timeout", None), getattr(args, "hook_retry_interval", None))
+
+
 def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
     settings, database = _settings(args)
     if not args.alter and not (args.resume or args.cancel):
@@ -140,7 +166,23 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
     )
 
 
-async def _migrate(spec: MigrationSpec, cancel: bool, quiet: bool) -> int:
+class _HookLines:
+    """Hook results as status lines (the event sink of the CLI's hooks)."""
+
+    def __init__(self, say: Any) -> None:
+        self.say = say
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event in ("hook.ok", "hook.failed"):
+            detail = str(fields.get("detail") or "").replace("\n", " | ")
+            self.say(f"hook {fields.get('hook')} {'ok' if event == 'hook.ok' else 'failed'} "
+                     f"({float(fields.get('seconds') or 0):.2f}s, {fields.get('target')})"
+                     + (f": {detail}" if detail else ""))
+        return fields
+
+
+async def _migrate(spec: MigrationSpec, cancel: bool, quiet: bool,
+                   hook_settings: HookSettings | None = None) -> int:
     if cancel:
         print(await cancel_migration(spec))
         return 0
@@ -155,13 +197,21 @@ async def _migrate(spec: MigrationSpec, cancel: bool, quiet: bool) -> int:
         if not quiet:
             say(progress.line())
 
-    migration = Migration(spec, on_progress=on_progress, output=say)
+    hooks = None
+    if hook_settings is not None and hook_settings.targets:
+        # Each result is a status line; the logger would say the failures a second time.
+        logging.getLogger("tidegate.hooks").setLevel(logging.ERROR)
+        hooks = Hooks(hook_settings, _HookLines(say))
+    migration = Migration(spec, on_progress=on_progress, output=say, hooks=hooks)
     result_box: list[object] = []
+    failures: list[Exception] = []
     async with trio.open_nursery() as nursery:
 
         async def run() -> None:
             try:
                 result_box.append(await migration.run())
+            except Exception as error:  # raised below as itself, not inside the nursery's ExceptionGroup
+                failures.append(error)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -188,6 +238,8 @@ async def _migrate(spec: MigrationSpec, cancel: bool, quiet: bool) -> int:
         nursery.start_soon(bar)
     if tty:
         sys.stderr.write("\r\x1b[K")
+    if failures:
+        raise failures[0]
     if not result_box or result_box[0] == "interrupted":
         return 130
     result = result_box[0]
@@ -239,14 +291,18 @@ def main(argv: Sequence[str]) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     parser = migrate_parser()
+    hook_arguments(parser)
     args = parser.parse_args(rest)
     try:
         spec = spec_from_args(args)
-    except SpecError as error:
+        hook_settings, warnings = hook_settings_from_args(args)
+    except (SpecError, HookError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
-        return trio.run(_migrate, spec, args.cancel, args.quiet)
+        return trio.run(_migrate, spec, args.cancel, args.quiet, hook_settings)
     except Refusal as refusal:
         print(f"refused: {refusal}", file=sys.stderr)
         return 4

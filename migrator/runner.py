@@ -13,6 +13,14 @@ Embedding (the sidecar)::
         migration.throttle("peak")     # / migration.throttle(None)
         migration.postpone(True)       # hold before cut-over / postpone(False)
         migration.cancel()             # drop the ghost, original untouched
+
+Lifecycle hooks (``migrator.hooks``): ``Migration(spec, hooks=Hooks(settings))``
+fires ``startup`` (start or resume), ``row_copy_complete``, asks
+``before_cut_over`` before the first cut-over attempt (a veto keeps the
+migration postponed and is asked again every ``retry_interval``), fires
+``after_cut_over`` after the rename, and awaits ``success`` or ``failure``
+before ``run`` returns or raises.  A hook's failure never breaks the
+migration; only the veto holds it up.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from migrator.chunker import ChunkSizer
 from migrator.copier import ChunkCopier, ChunkResult
 from migrator.cutover import SENTRY_COMMENT, CutOver, NoGate, Outcome, TrafficGate
 from migrator.db import Connection, DatabaseError, qualified, quote
+from migrator.hooks import MigrationHooks, NoHooks
 from migrator.inspector import Plan, Refusal, TableSchema
 from migrator.spec import MigrationSpec, OldTablePolicy
 from migrator.state import RESUMABLE, Checkpoint, MigrationState, Phase, record_schema_version
@@ -65,6 +74,8 @@ class Progress:
     chunk_size: int = 0
     throttle_reason: str | None = None
     postponed: bool = False
+    #: why the cut-over waits besides the postpone flag (a vetoing ``before_cut_over`` hook)
+    postponed_by: str | None = None
     cut_over_attempts: int = 0
     elapsed_seconds: float = 0.0
     message: str = ""
@@ -86,7 +97,7 @@ class Progress:
         if self.throttle_reason:
             parts.append(f"throttled: {self.throttle_reason}")
         if self.postponed:
-            parts.append("cut-over postponed")
+            parts.append(f"cut-over postponed by {self.postponed_by}" if self.postponed_by else "cut-over postponed")
         return " ".join(parts)
 
 
@@ -145,9 +156,14 @@ class Migration:
         gate: TrafficGate | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         output: Callable[[str], None] | None = None,
+        hooks: MigrationHooks | None = None,
     ) -> None:
         self.spec = spec
         self.gate: TrafficGate = gate or NoGate()
+        self.hooks: MigrationHooks = hooks or NoHooks()
+        #: why a ``before_cut_over`` hook holds the cut-over back (None: it does not)
+        self._vetoed: str | None = None
+        self._resumed = False
         self._on_progress = on_progress
         self._output = output or (lambda line: log.info("%s", line))
         self._progress = Progress()
@@ -185,7 +201,8 @@ class Migration:
             if self._heartbeat is not None:
                 p.binlog_lag_seconds = self._heartbeat.lag(self._applier.last_heartbeat)
         p.throttle_reason = self._throttle.reason if self._throttle is not None else self._manual_throttle
-        p.postponed = self._postponed()
+        p.postponed = self._postponed() or self._vetoed is not None
+        p.postponed_by = self._vetoed
         p.chunk_size = self._sizer.size if self._sizer else 0
         return p
 
@@ -215,9 +232,27 @@ class Migration:
     # -- the story ------------------------------------------------------------------
 
     async def run(self) -> Result:
-        spec = self.spec
         self._started = time.monotonic()
-        control = await db.connect(spec.settings)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_hooks)
+            try:
+                result = await self._run_connected()
+            except BaseException as error:
+                with trio.CancelScope(shield=True):
+                    await self._final_hook(None, error)
+                if not isinstance(error, Exception):
+                    raise  # cancelled: the enclosing cancel scope handles it
+                failure = error  # raised below as itself, not inside this nursery's ExceptionGroup
+            else:
+                await self._final_hook(result, None)
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _run_connected(self) -> Result:
+        control = await db.connect(self.spec.settings)
         try:
             return await self._run(control)
         except BaseExceptionGroup as group:
@@ -228,6 +263,88 @@ class Migration:
             raise leaf from group
         finally:
             await control.close()
+
+    # -- hooks ------------------------------------------------------------------------
+
+    async def _run_hooks(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.hooks.run(task_status=task_status)
+        except Exception as error:  # a hook never breaks the migration
+            log.warning("hooks stopped: %s", error)
+
+    def _facts(self, **extra: Any) -> dict[str, Any]:
+        """The migration's facts for hooks (``TIDEGATE_MIGRATION_<KEY>``, or the JSON a URL gets)."""
+        spec = self.spec
+        progress = self.progress()
+        record = self._state.record if self._state is not None else None
+        facts: dict[str, Any] = {
+            "id": progress.migration_id,
+            "schema": spec.database,
+            "table": spec.table,
+            "alter": record.alter_text if record is not None else spec.alter,
+            "ghost_table": spec.ghost_table,
+            "old_table": spec.old_table_name,
+            "host": spec.connection.host,
+            "port": spec.connection.port,
+            "state_schema": spec.state_schema,
+            "phase": progress.phase,
+            "resumed": self._resumed,
+            "rows_copied": progress.rows_copied,
+            "rows_estimate": progress.rows_estimate,
+            "cut_over_attempts": progress.cut_over_attempts,
+            "binlog_lag_seconds": round(progress.binlog_lag_seconds, 3),
+            "elapsed_seconds": round(progress.elapsed_seconds, 3),
+        }
+        facts.update(extra)
+        return facts
+
+    def _fire(self, name: str, **extra: Any) -> None:
+        """Queue a hook that does not hold the migration up."""
+        try:
+            self.hooks.fire(name, self._facts(**extra))
+        except Exception as error:  # a hook never breaks the migration
+            log.warning("hook %s not run: %s", name, error)
+
+    async def _final_hook(self, result: Result | None, error: BaseException | None) -> None:
+        """``success`` or ``failure`` (with the final state and the error), awaited."""
+        if not self.spec.execute or (result is not None and result.phase == Phase.PENDING):
+            return  # a dry run runs no hooks
+        name = "success" if result is not None and result.phase == Phase.COMPLETE else "failure"
+        try:
+            if result is not None and result.phase == Phase.COMPLETE:
+                facts = self._facts(state="complete")
+            elif result is not None:
+                facts = self._facts(state=result.phase.value, error=result.message or None)
+            else:
+                assert error is not None
+                state = ("interrupted" if _interrupted(error) else "refused" if isinstance(error, Refusal)
+                         else "failed")
+                facts = self._facts(state=state, error=_describe(error))
+            await self.hooks.finish(name, facts)
+        except Exception as failure:  # a hook never replaces the migration's own outcome
+            log.warning("hook %s not run: %s", name, failure)
+
+    async def _approve_cut_over(self, state: MigrationState) -> bool:
+        """Ask ``before_cut_over``; on a veto stay postponed for ``retry_interval`` and return False."""
+        try:
+            veto = await self.hooks.veto(self._facts(phase=Phase.READY.value))
+        except Exception as error:  # cannot ask: do not cut over behind its back
+            veto = f"hook before_cut_over could not run: {error}"
+        if veto is None:
+            if self._vetoed is not None:
+                self._vetoed = None
+                if state.phase == Phase.POSTPONED:
+                    await state.transition(Phase.READY, "hook before_cut_over agreed")
+                self._say("hook before_cut_over agreed: cutting over")
+            return True
+        first = self._vetoed is None
+        self._vetoed = veto
+        if state.phase != Phase.POSTPONED:
+            await state.transition(Phase.POSTPONED, veto[:500])
+        if first:
+            self._say(f"cut-over postponed by {veto}; asking again every {self.hooks.retry_interval:g}s")
+        await trio.sleep(self.hooks.retry_interval)
+        return False
 
     async def _preflight(self, control: Connection) -> TableSchema:
         spec = self.spec
@@ -318,6 +435,7 @@ class Migration:
             f"rows (estimate{'=exact' if spec.exact_rowcount else ''}): {rows_estimate}",
             "algorithm: " + ("INSTANT if the server can, else ghost copy" if spec.attempt_instant_ddl else "ghost copy"),
             *plan.describe(),
+            *self.hooks.describe(),
         ]
         if not spec.execute:
             await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.ghost_table)}")
@@ -333,6 +451,7 @@ class Migration:
         await self._state.transition(Phase.VALIDATING)
         await self._state.save_estimate(rows_estimate)
         self._progress.rows_estimate = rows_estimate
+        self._fire("startup")
 
         if spec.attempt_instant_ddl and await self._try_instant(control):
             await control.execute(f"DROP TABLE IF EXISTS {qualified(spec.database, spec.ghost_table)}")
@@ -393,6 +512,12 @@ class Migration:
         state = self._state
         assert state is not None
         self._say(f"resuming migration #{state.id} from {state.phase.value}")
+        for line in self.hooks.describe():
+            self._say(line)
+        self._resumed = True
+        self._progress.rows_estimate = state.record.rows_estimate
+        self._rows_copied = state.record.checkpoint.rows_copied
+        self._fire("startup")
         # A cut-over may have been interrupted: triggers and sentry go first.
         cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
         await cut.drop_triggers(control)
@@ -401,6 +526,7 @@ class Migration:
         old_exists = await inspector.table_exists(control, spec.database, spec.old_table_name)
         if not ghost_exists and old_exists and state.phase == Phase.CUTTING_OVER:
             self._say("the rename had completed before the interruption; finishing")
+            self._fire("after_cut_over", phase=Phase.CUTTING_OVER.value)
             await self._finish(control)
             return Result(Phase.COMPLETE, state.id, seconds=time.monotonic() - self._started, message="completed on resume")
         checkpoint = state.record.checkpoint
@@ -410,8 +536,6 @@ class Migration:
             raise MigrationFailed(f"migration #{state.id} cannot resume: no ghost table or checkpoint; run it again")
         ghost_schema = await inspector.read_table(control, spec.database, spec.ghost_table)
         plan = inspector.plan_migration(spec, original, ghost_schema)
-        self._progress.rows_estimate = state.record.rows_estimate
-        self._rows_copied = checkpoint.rows_copied
         if state.phase in (Phase.CUTTING_OVER, Phase.POSTPONED):
             await state.transition(Phase.READY, "resumed")
         if state.phase == Phase.READY:
@@ -553,6 +677,7 @@ class Migration:
         if state.phase == Phase.COPYING:
             await self._copy(writer, applier, cut)
             await state.transition(Phase.VERIFYING)
+            self._fire("row_copy_complete")
         async with trio.open_nursery() as background:
             background.start_soon(self._keep_applying, writer, applier)
             if checksummer is not None:
@@ -566,14 +691,20 @@ class Migration:
             observer = await open_connection()
             attempts = 0
             backoff = 0.25
+            approved = False  # by the before_cut_over hook, asked before the first attempt only
             while True:
                 if self._postponed():
-                    await state.transition(Phase.POSTPONED, "postpone flag present")
+                    if state.phase != Phase.POSTPONED:
+                        await state.transition(Phase.POSTPONED, "postpone flag present")
                     self._say("cut-over postponed; remove the flag (or call postpone(False)) to proceed")
                     while self._postponed():
                         with trio.move_on_after(self.spec.flag_poll_interval):
                             await self._postpone_changed.wait()
                     await state.transition(Phase.READY, "postpone lifted")
+                if not approved:
+                    approved = await self._approve_cut_over(state)
+                    if not approved:
+                        continue  # the flags and the veto are looked at again
                 await self._wait_caught_up(applier)
                 held = await self.gate.hold(
                     spec.database, spec.table,
@@ -600,6 +731,7 @@ class Migration:
                 if result.outcome == Outcome.DONE:
                     self._say(f"cut-over done on attempt {attempts} (table held {result.hold_seconds * 1000:.0f}ms; "
                               f"{cut.delta_keys} changed keys checked under the lock, {cut.delta_resynced} re-synced)")
+                    self._fire("after_cut_over", table_held_ms=round(result.hold_seconds * 1000))
                     break
                 await state.transition(Phase.READY, f"cut-over attempt {attempts} rolled back: {result.reason}")
                 self._say(f"cut-over attempt {attempts} rolled back ({result.reason}); retry in {backoff:.2f}s")
@@ -863,6 +995,17 @@ def _interrupted(error: BaseException) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return all(_interrupted(inner) for inner in error.exceptions)
     return isinstance(error, trio.Cancelled | KeyboardInterrupt)
+
+
+def _describe(error: BaseException) -> str:
+    """The error for a ``failure`` hook: the one failure of a group, as ``Type: message``."""
+    if _interrupted(error):
+        return "interrupted (SIGINT/SIGTERM or the embedding process); continue with --resume"
+    if isinstance(error, BaseExceptionGroup):
+        error = _single_failure(error) or error
+    if isinstance(error, Refusal):
+        return str(error)
+    return f"{type(error).__name__}: {error}"[:2000]
 
 
 def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
