@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -213,6 +214,13 @@ class Instance:
         process = self.process
         if process is None:
             return
+        if process.poll() is not None and process.returncode != 0:
+            # It died on its own (a server crash): keep its log, the directory is about to go.
+            kept = Path(tempfile.gettempdir()) / f"tidegate-crash-{self.name}-{process.pid}.log"
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.log_path, kept)
+            print(f"sandbox: {self.name} (pid {process.pid}) had exited with code {process.returncode}; "
+                  f"its error log is kept in {kept}; last lines:\n{self.tail_log(40)}", file=sys.stderr)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -302,11 +310,14 @@ class Sandbox:
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         shutil.copytree(self._initialized_template(), directory / "data")
+        (directory / "tmp").mkdir()
         instance = Instance(name, free_port(), directory, server_id, role=role)
         command = [
             find_binary("mariadbd") or "mariadbd",
             "--no-defaults",
             f"--datadir={instance.datadir}",
+            # its own temporary files: nothing shared with other servers in /tmp
+            f"--tmpdir={directory / 'tmp'}",
             f"--port={instance.port}",
             "--bind-address=127.0.0.1",
             f"--socket={instance.socket_path}",
