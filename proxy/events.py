@@ -33,7 +33,9 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any, Protocol
+from typing import IO, Any
+
+from migrator.hooks import NULL_EVENTS, EventSink, NullEvents
 
 log = logging.getLogger("tidegate.events")
 
@@ -61,18 +63,9 @@ def _bounded(value: Any) -> Any:
     return str(value)
 
 
-class EventSink(Protocol):
-    def emit(self, event: str, **fields: Any) -> dict[str, Any]: ...
-
-
-class NullEvents:
-    """Records nothing (a gate or relay without an event log)."""
-
-    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        return {}
-
-
-NULL_EVENTS = NullEvents()
+# The sink protocol lives with the hook runner (the migrator records hook
+# results through it without importing the proxy); the proxy shares it.
+__all__ = ["NULL_EVENTS", "EventLog", "EventSink", "NullEvents", "admin_rows", "timestamp", "trace_id_of"]
 
 
 class EventLog:

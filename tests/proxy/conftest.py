@@ -7,9 +7,10 @@ cannot share the test's trio loop, so the proxy gets its own thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -92,3 +93,19 @@ def tidegate(primary: sandbox.Instance, app_user: tuple[str, str]) -> Iterator[R
         yield running
     finally:
         running.stop()
+
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], what: str = "condition", timeout: float = 5.0,
+               interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last: {result!r})")
+        time.sleep(interval)

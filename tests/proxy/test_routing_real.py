@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pymysql
 import pytest
@@ -20,12 +20,11 @@ from pymysql.connections import Connection
 from proxy import sandbox
 from proxy.metrics import Metrics
 from proxy.routing import bucket
-from tests.proxy.conftest import RunningProxy, start_proxy
+from tests.proxy.conftest import RunningProxy, eventually, start_proxy
 
 ADMIN_PASSWORD = "admin-secret"
 PRIMARY_ID, REPLICA_ID = 1, 2
 
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +90,6 @@ def one_row(connection: Connection[Any], sql: str) -> tuple[Any, ...]:
 
 def server_of(connection: Connection[Any], sql: str = "SELECT @@server_id") -> int:
     return int(one(connection, sql))
-
-
-def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last: {result!r})")
-        time.sleep(0.05)
 
 
 def test_reads_go_to_the_replica_writes_and_transactions_to_the_primary(

@@ -31,6 +31,7 @@ from proxy.metrics import FLEET_RULE_STATES, Metrics
 from proxy.router import FLEET_STATES, Router, fleet_rules_state, fleet_version_changed
 from proxy.routing import RuleError, RuleSpec, decode_rules, encode_rules, make_spec
 from tests.proxy.conftest import RunningProxy, start_proxy
+from tests.proxy.conftest import eventually as shared_eventually
 
 T = TypeVar("T")
 
@@ -47,14 +48,7 @@ def state_schema(tmp_path: Path) -> str:
 
 
 def eventually(check: Callable[[], T | None], what: str, timeout: float = CONVERGE) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last: {result!r})")
-        time.sleep(0.1)
+    return shared_eventually(check, what, timeout, interval=0.1)
 
 
 def admin(running: RunningProxy) -> Connection[Any]:
