@@ -157,8 +157,13 @@ class Checksummer:
         chunk_rows: int = 10_000,
         chunk_time: float = 0.25,
         max_chunk_rows: int = 200_000,
+        start: KeyValues | None = None,
+        stop: KeyValues | None = None,
     ) -> TableComparison:
-        """Walk the whole table in key ranges; every connection must be in the same snapshot.
+        """Walk the table in key ranges; every connection must be in the same snapshot.
+
+        Only keys after ``start`` (exclusive) and up to ``stop`` (inclusive) when
+        given: the copy's verified part and its watermark.
 
         Ranges are handed out in key order to as many workers as there are
         connections; each worker finds its range's upper bound and compares
@@ -169,7 +174,7 @@ class Checksummer:
         sizer = ChunkSizer(chunk_rows, chunk_time, minimum=1000, maximum=max_chunk_rows)
         mismatches: list[Mismatch] = []
         totals = {"rows": 0, "ranges": 0}
-        cursor: dict[str, Any] = {"lower": None, "done": False}
+        cursor: dict[str, Any] = {"lower": start, "done": False}
         handout = trio.Lock()
 
         async def worker(connection: Connection) -> None:
@@ -179,15 +184,15 @@ class Checksummer:
                         return
                     lower: KeyValues | None = cursor["lower"]
                     size = sizer.size
-                    where, args = self._range(self.key, lower, None)
+                    where, args = self._range(self.key, lower, stop)
                     boundary_sql = (
                         f"SELECT {key_list} FROM {self.original} WHERE {where} ORDER BY {key_list} "
                         f"LIMIT 1 OFFSET {size - 1}"
                     )
                     found = await connection.query(boundary_sql, args)
-                    upper = tuple(found[0]) if found else None
+                    upper = tuple(found[0]) if found else stop
                     cursor["lower"] = upper
-                    cursor["done"] = upper is None
+                    cursor["done"] = upper is None or upper == stop
                 began = time.monotonic()
                 mismatch, count = await self._compare_range(connection, lower, upper)
                 sizer.record(count, time.monotonic() - began)

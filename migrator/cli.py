@@ -71,7 +71,7 @@ def migrate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cancel", action="store_true", help="abandon the unfinished migration: drop the ghost")
     tuning = parser.add_argument_group("copy")
     tuning.add_argument("--chunk-size", type=int, default=1000, help="starting rows per chunk (default 1000)")
-    tuning.add_argument("--chunk-time", type=float, default=0.5, help="target seconds per chunk (default 0.5)")
+    tuning.add_argument("--chunk-time", type=float, default=0.1, help="target seconds per chunk (default 0.1)")
     tuning.add_argument("--max-chunk-size", type=int, default=100_000, help="largest chunk in rows (default 100000)")
     tuning.add_argument("--exact-rowcount", action="store_true", help="COUNT(*) for the estimate")
     tuning.add_argument("--default-retries", type=int, default=60)
@@ -95,6 +95,9 @@ def migrate_parser() -> argparse.ArgumentParser:
     safety.add_argument("--checksum", type=_bool, default=True, metavar="on|off")
     safety.add_argument("--checksum-workers", type=int, default=1,
                         help="sessions comparing ranges in the same snapshot (default 1)")
+    safety.add_argument("--checksum-behind-copy-interval", type=float, default=4.0, metavar="SECONDS",
+                        help="verify the ranges copied so far every SECONDS while the copy runs, so that "
+                             "only the last ranges are left after it (default 4; 0: all after the copy)")
     safety.add_argument("--approve-renamed-columns", action="store_true")
     safety.add_argument("--approve-lossy-changes", action="store_true")
     safety.add_argument("--drop-leftovers", action="store_true", help="drop leftover _<t>_gho/_ghc/_del tables")
@@ -156,6 +159,7 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
         attempt_instant_ddl=args.attempt_instant_ddl,
         checksum=args.checksum,
         checksum_workers=args.checksum_workers,
+        checksum_behind_copy_interval=args.checksum_behind_copy_interval,
         resume=args.resume,
         old_table=OldTablePolicy(args.old_table),
         drop_leftovers=args.drop_leftovers,

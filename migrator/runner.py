@@ -180,6 +180,7 @@ class Migration:
         self._applier: Applier | None = None
         self._heartbeat: _Heartbeat | None = None
         self._sizer: ChunkSizer | None = None
+        self._behind: _BehindCopy | None = None
         self._chunks = 0
 
     # -- runtime control (from the embedding process or the CLI) --------------------
@@ -674,6 +675,11 @@ class Migration:
         spec = self.spec
         state = self._state
         assert state is not None
+        behind: _BehindCopy | None = None
+        if checksummer is not None and spec.checksum_behind_copy_interval > 0:
+            behind = _BehindCopy(self, cut, checksummer, await open_connection(), await open_connection())
+            await behind.worker.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        self._behind = behind
         if state.phase == Phase.COPYING:
             await self._copy(writer, applier, cut)
             await state.transition(Phase.VERIFYING)
@@ -826,6 +832,23 @@ class Migration:
         self._copy_started = time.monotonic()
         rows_at_start = self._rows_copied
         last_checkpoint = trio.current_time()
+        behind = self._behind
+        async with trio.open_nursery() as verifying:
+            await self._copy_chunks(writer, applier, copier, sizer, upper, watermark, last_checkpoint,
+                                    behind, verifying)
+        if behind is not None:
+            behind.raise_if_broken()
+        copied = self._rows_copied - rows_at_start
+        seconds = time.monotonic() - self._copy_started
+        self._say(f"copy done: {copied} rows in {self._chunks} chunks, {seconds:.1f}s "
+                  f"({copied / seconds if seconds > 0 else 0:.0f} rows/s)"
+                  + (f"; {behind.rows} rows verified behind it" if behind is not None and behind.rows else ""))
+
+    async def _copy_chunks(self, writer: Connection, applier: Applier, copier: ChunkCopier, sizer: ChunkSizer,
+                           upper: Any, watermark: Any, last_checkpoint: float, behind: _BehindCopy | None,
+                           verifying: trio.Nursery) -> None:
+        spec = self.spec
+        assert self._throttle is not None
         while upper is not None and watermark != upper:
             await self._apply(writer, applier)
             while self._throttle.reason is not None:
@@ -848,12 +871,14 @@ class Migration:
             if now - last_checkpoint >= spec.checkpoint_interval:
                 await self._checkpoint(watermark, upper, applier)
                 last_checkpoint = now
+            if behind is not None and behind.due(now) and watermark != upper:
+                # Between chunks: the copy waits for the snapshot (a short READ lock), then goes on
+                # while the ranges copied since the last one are compared in it.
+                await self._apply(writer, applier)
+                if await behind.snapshot(watermark):
+                    verifying.start_soon(behind.compare)
         await self._apply(writer, applier)
         await self._checkpoint(watermark, upper, applier)
-        copied = self._rows_copied - rows_at_start
-        seconds = time.monotonic() - self._copy_started
-        self._say(f"copy done: {copied} rows in {self._chunks} chunks, {seconds:.1f}s "
-                  f"({copied / seconds if seconds > 0 else 0:.0f} rows/s)")
 
     async def _snapshot(self, cut: CutOver, locker: Connection, workers: list[Connection], *, reset_tracking: bool) -> None:
         """Stop writes briefly, catch up, open the same consistent snapshot in every worker.
@@ -914,15 +939,26 @@ class Migration:
             await worker.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             workers.append(worker)
         locker: Connection = await open_connection()
-        await self._snapshot(cut, locker, workers, reset_tracking=True)
+        behind = self._behind
+        start = behind.verified_upto if behind is not None and behind.active else None
+        # Keys changed since the first snapshot behind the copy stay tracked: ranges
+        # verified then are re-checked through them (the delta convergence below).
+        await self._snapshot(cut, locker, workers, reset_tracking=start is None)
+        if behind is not None and behind.active:
+            assert cut.applier.tracking is not None
+            cut.applier.tracking.update(behind.recheck)
         try:
-            comparison = await checksummer.compare_table(workers, chunk_time=spec.checksum_chunk_time)
+            comparison = await checksummer.compare_table(workers, chunk_time=spec.checksum_chunk_time, start=start)
             mismatches = comparison.mismatches
             keys = await self._differing_keys(checksummer, workers[0], mismatches[:_REPAIRABLE_RANGES])
         finally:
             for worker in workers:
                 with contextlib.suppress(DatabaseError):
                     await worker.execute("COMMIT")
+        if behind is not None and behind.active:
+            self._say(f"checksum behind the copy: {behind.rows} rows in {behind.ranges} ranges in "
+                      f"{behind.snapshots} snapshots ({behind.seconds:.1f}s, while copying); "
+                      f"{len(behind.recheck)} keys to re-check")
         self._say(
             f"checksum: {comparison.rows} rows in {comparison.ranges} ranges over "
             f"{len(checksummer.plan.compared)} columns in {comparison.seconds:.1f}s "
@@ -988,6 +1024,98 @@ class Migration:
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:
         return [await checksummer.differing_keys(connection, mismatch) for mismatch in mismatches]
+
+
+class _BehindCopy:
+    """Verifies the copied ranges in snapshots taken while the copy runs.
+
+    Every ``checksum_behind_copy_interval`` seconds the copy stops between two
+    chunks for a snapshot (the checksum snapshot's READ lock: writers wait a
+    few ms, readers not at all), then goes on while a second connection
+    compares the ranges copied since the previous snapshot in it.  From the
+    first snapshot on, the applier tracks every key the binlog changes; after
+    the copy only the last ranges are compared, and the tracked keys (plus
+    any that differed in a snapshot here) are re-checked by the delta
+    convergence and, exactly, under the cut-over lock.  So a verified range
+    whose rows nobody changed since needs no second read.  Past
+    ``MAX_TRACKED`` tracked keys it gives up (the whole table is compared
+    after the copy, as with interval 0).
+    """
+
+    MAX_TRACKED = 500_000
+
+    def __init__(self, migration: Migration, cut: CutOver, checksummer: Checksummer,
+                 worker: Connection, locker: Connection) -> None:
+        self.migration = migration
+        self.cut = cut
+        self.checksummer = checksummer
+        self.worker = worker
+        self.locker = locker
+        self.interval = migration.spec.checksum_behind_copy_interval
+        self.active = False  # a snapshot was taken and tracking runs since
+        self.verified_upto: Any = None  # exclusive lower bound of what is left to compare
+        self.pending_upto: Any = None  # upper bound of the range the running compare covers
+        self.busy = False
+        self.last = trio.current_time()
+        self.rows = self.ranges = self.snapshots = 0
+        self.seconds = 0.0
+        self.recheck: set[Any] = set()
+        self.broken: BaseException | None = None
+
+    def due(self, now: float) -> bool:
+        return not self.busy and self.broken is None and now - self.last >= self.interval
+
+    async def snapshot(self, watermark: Any) -> bool:
+        """Take the snapshot the ranges up to ``watermark`` are compared in; False: not now."""
+        applier = self.cut.applier
+        heartbeat = self.migration._heartbeat
+        if len(applier.pending) > 1000 or (heartbeat is not None and heartbeat.lag(applier.last_heartbeat) > 0.5):
+            return False  # the binlog is behind: the snapshot would stall the copy; try after the next chunk
+        tracking = applier.tracking
+        if self.active and tracking is not None and len(tracking) > self.MAX_TRACKED:
+            self.migration._say(f"checksum behind the copy: over {self.MAX_TRACKED} changed keys tracked; "
+                                "the whole table is compared after the copy instead")
+            self.active, self.verified_upto, self.recheck, self.broken = False, None, set(), RuntimeError("given up")
+            return False
+        await self.migration._snapshot(self.cut, self.locker, [self.worker], reset_tracking=not self.active)
+        self.active = True
+        self.busy = True
+        self.pending_upto = watermark
+        self.snapshots += 1
+        return True
+
+    async def compare(self) -> None:
+        spec = self.migration.spec
+        started = time.monotonic()
+        try:
+            comparison = await self.checksummer.compare_table(
+                [self.worker], chunk_time=spec.checksum_chunk_time, start=self.verified_upto, stop=self.pending_upto)
+            for mismatch in comparison.mismatches[:_REPAIRABLE_RANGES]:
+                self.recheck.update(await self.checksummer.differing_keys(self.worker, mismatch))
+            if len(comparison.mismatches) > _REPAIRABLE_RANGES or len(self.recheck) > spec.checksum_repair_limit:
+                report = "; ".join(m.describe() for m in comparison.mismatches[:5])
+                self.broken = ChecksumMismatch(
+                    f"checksum behind the copy: {len(comparison.mismatches)} ranges differ "
+                    f"({len(self.recheck)} keys): {report}")
+            self.rows += comparison.rows
+            self.ranges += comparison.ranges
+            self.verified_upto = self.pending_upto
+        except DatabaseError as error:
+            # Not worth failing the copy for: everything is compared after it instead.
+            self.migration._say(f"checksum behind the copy stopped ({error}); the whole table is compared "
+                                "after the copy instead")
+            self.active, self.verified_upto, self.recheck, self.broken = False, None, set(), error
+        finally:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(DatabaseError):
+                    await self.worker.execute("COMMIT")
+            self.seconds += time.monotonic() - started
+            self.busy = False
+            self.last = trio.current_time()
+
+    def raise_if_broken(self) -> None:
+        if isinstance(self.broken, ChecksumMismatch):
+            raise self.broken
 
 
 def _interrupted(error: BaseException) -> bool:

@@ -103,7 +103,7 @@ class MigrationSpec:
     alter: str
     execute: bool = False
     chunk_size: int = 1000
-    chunk_time: float = 0.5
+    chunk_time: float = 0.1
     min_chunk_size: int = 100
     max_chunk_size: int = 100_000
     max_load: tuple[LoadThreshold, ...] = ()
@@ -132,6 +132,8 @@ class MigrationSpec:
     checkpoint_interval: float = 1.0  # seconds between copy checkpoints (a resume re-copies at most this)
     checksum_workers: int = 1  # sessions comparing ranges in the same snapshot
     checksum_chunk_time: float = 0.25  # target seconds per compared range
+    #: verify copied ranges behind the copy this often (seconds; 0: only after the copy)
+    checksum_behind_copy_interval: float = 4.0
     checksum_repair_rounds: int = 2  # re-sync + re-compare rounds for ranges hit by the commit-visibility race
     checksum_repair_limit: int = 1000  # more differing keys than this fails at once
     converge_keys: int = 500  # re-verify changed keys in fresh snapshots until at most this many are left
@@ -153,6 +155,8 @@ class MigrationSpec:
             raise SpecError("--cut-over-lock-timeout-seconds must be positive")
         if self.checksum_workers < 1 or self.checksum_workers > 16:
             raise SpecError("--checksum-workers must be between 1 and 16")
+        if self.checksum_behind_copy_interval < 0:
+            raise SpecError("--checksum-behind-copy-interval must be 0 (off) or positive")
         if self.checkpoint_interval <= 0 or self.checksum_chunk_time <= 0:
             raise SpecError("intervals must be positive")
         if self.default_retries < 0:
