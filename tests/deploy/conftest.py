@@ -174,9 +174,16 @@ _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 @functools.cache
 def exported_metrics() -> dict[str, str]:
     """Metric family name → type, as ``proxy.metrics.Metrics().render()`` exposes them."""
+    from proxy.backends import Endpoint
+    from proxy.classify import Classifier
+    from proxy.config import BackpressureConfig, RoutingConfig
     from proxy.metrics import Metrics
+    from proxy.router import Router
 
     metrics = Metrics()
+    # The routing families are collected from the router at scrape time, as a sidecar does.
+    metrics.watch_routing(Router(RoutingConfig(), BackpressureConfig(), [Endpoint("primary", "127.0.0.1", 3306)],
+                                 classifier=Classifier()))
     body, _ = metrics.render()
     families: dict[str, str] = {}
     for line in body.decode().splitlines():
