@@ -28,9 +28,8 @@ copy before every run):
 
 The server's metadata-lock instrument (``performance_schema``
 ``wait/lock/metadata/sql/mdl``, on by default in MySQL 8, off in MariaDB) is
-switched on, as an operator following docs/cutover.md would: tidegate's
-standalone cut-over then asks for its lock at a moment when no transaction
-holds the table.  ``--no-mdl-instrument`` leaves MariaDB's default.
+switched on, as on MySQL 8 (tidegate's blocker reports use it); its cost is
+the same for both tools.  ``--no-mdl-instrument`` leaves MariaDB's default.
 
 It prints wall time and the tidegate/pt-osc ratio, rows/s, workload errors
 (the probe's by code), and latency per window, plus the load average of the machine (other

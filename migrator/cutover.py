@@ -33,15 +33,14 @@ If the process dies before step 4 nothing happened; after step 4 the rename
 completes on its own, which is right because every check passed before it.
 An application transaction that had read ``t`` and writes it while our lock
 request of step 1 waits is chosen as a metadata-lock deadlock victim by the
-server (1213); the checksum snapshot takes a READ lock instead, which cannot
-deadlock that way.  Where ``performance_schema`` shows metadata locks (its
-``wait/lock/metadata/sql/mdl`` instrument: on by default in MySQL 8, off in
-MariaDB), step 1 first waits, up to the lock timeout, for a moment when no
-other session's transaction holds a lock on ``t`` and asks for the lock
-then: the window shrinks from "every transaction open at the request" to the
-milliseconds between that check and the request.  A sidecar that drains
-traffic (:class:`TrafficGate`) removes the window: the lock is then granted
-without waiting.
+server (1213).  So every lock request is made politely first: ``LOCK TABLES
+… NOWAIT`` is tried every 2 ms for half the lock timeout, and is granted
+only at an instant when no session holds a conflicting lock; until then it
+is never pending, so nobody waits behind it and nobody can be made its
+deadlock victim.  Only on a table that is never free for that long is the
+ordinary waiting request made (for up to the lock timeout), with the old
+exposure.  A sidecar that drains traffic (:class:`TrafficGate`) removes the
+window altogether: the lock is then granted at once.
 """
 
 from __future__ import annotations
@@ -116,9 +115,8 @@ class CutOver:
         self.timeout = spec.cut_over_lock_timeout_seconds
         self.delta_keys = 0  # keys compared under the lock in the last attempt
         self.delta_resynced = 0  # of which re-synced
-        #: seconds the last attempt waited for a moment with no transaction on t (None: not visible/none came)
-        self.quiet_wait: float | None = None
-        self._mdl_visible: bool | None = None
+        #: NOWAIT tries of the last lock request (1: granted at once; 0: fell back to a waiting request)
+        self.polite_tries = 0
 
     # -- helpers shared with the checksum snapshot ----------------------------------
 
@@ -141,16 +139,40 @@ class CutOver:
         the sentinel did not come back in time; the caller unlocks.
         """
         tables = [f"{self.original} {original_mode}", f"{self.ghost} WRITE", f"{self.changelog} WRITE"]
+        lock = "LOCK TABLES " + ", ".join(tables)
         await locker.execute_many(
             [
                 (f"SET SESSION lock_wait_timeout = {max(1, round(self.timeout))}", None),
                 ("SET SESSION innodb_lock_wait_timeout = %s", (max(1, round(self.timeout)),)),
-                ("LOCK TABLES " + ", ".join(tables), None),
             ]
         )
+        if not await self.lock_politely(locker, lock, self.timeout / 2):
+            await locker.execute(lock)  # a waiting request, bounded by lock_wait_timeout
         waited = await self.sentinel_round_trip(locker)
         await self.applier.flush(locker, force=True)
         return waited
+
+    async def lock_politely(self, connection: Connection, lock: str, seconds: float) -> bool:
+        """Try ``lock`` with NOWAIT every 2 ms for ``seconds``; whether it was granted.
+
+        A request that is never left pending cannot queue application
+        statements behind it nor make a transaction that read the table and
+        now writes it a metadata-lock deadlock victim.
+        """
+        self.polite_tries = 0
+        deadline = trio.current_time() + seconds
+        while True:
+            self.polite_tries += 1
+            try:
+                await connection.execute(lock + " NOWAIT")
+                return True
+            except DatabaseError as error:
+                if error.code != db.ER_LOCK_WAIT_TIMEOUT:
+                    raise
+            if trio.current_time() >= deadline:
+                self.polite_tries = 0
+                return False
+            await trio.sleep(0.002)
 
     async def sentinel_round_trip(self, connection: Connection) -> float:
         token = await self.write_sentinel(connection)
@@ -192,7 +214,6 @@ class CutOver:
         started = trio.current_time()
         locked = held = renamed = False
         try:
-            self.quiet_wait = await self.wait_for_quiet_table(observer, (locker, holder, renamer, observer))
             try:
                 await self.lock_and_catch_up(locker)
                 locked = True
@@ -276,48 +297,6 @@ class CutOver:
                 if not renamed:
                     # After a rename the ghost is gone: the applier stays paused for good.
                     self.applier.paused = False
-
-    async def mdl_visible(self, observer: Connection) -> bool:
-        """Whether performance_schema reports metadata locks (instrument on); asked once."""
-        if self._mdl_visible is None:
-            try:
-                rows = await observer.query(
-                    "SELECT ENABLED FROM performance_schema.setup_instruments WHERE NAME = 'wait/lock/metadata/sql/mdl'"
-                )
-                self._mdl_visible = bool(rows) and str(rows[0][0]).upper() == "YES"
-            except DatabaseError:  # performance_schema off, or no privilege on it
-                self._mdl_visible = False
-        return self._mdl_visible
-
-    async def wait_for_quiet_table(self, observer: Connection, own: tuple[Connection, ...]) -> float | None:
-        """Wait (bounded by the lock timeout) until no other transaction holds a lock on ``t``.
-
-        A transaction that read ``t`` and writes it while our exclusive request
-        waits would be the server's deadlock victim; asking at a moment when
-        none holds ``t`` avoids that.  Returns the seconds waited, or None when
-        metadata locks are not visible (the request is then made at once) or
-        no quiet moment came in time (it is made anyway).
-        """
-        if not await self.mdl_visible(observer):
-            return None
-        ours = ", ".join(str(int(c.thread_id)) for c in own if c.thread_id is not None) or "0"
-        sql = (
-            "SELECT COUNT(*) FROM performance_schema.metadata_locks m "
-            "JOIN performance_schema.threads th ON th.THREAD_ID = m.OWNER_THREAD_ID "
-            "WHERE m.OBJECT_TYPE = 'TABLE' AND m.OBJECT_SCHEMA = %s AND m.OBJECT_NAME = %s "
-            "AND m.LOCK_STATUS = 'GRANTED' AND m.LOCK_DURATION = 'TRANSACTION' "
-            f"AND (th.PROCESSLIST_ID IS NULL OR th.PROCESSLIST_ID NOT IN ({ours}))"
-        )
-        started = trio.current_time()
-        with trio.move_on_after(self.timeout):
-            while True:
-                rows = await observer.query(sql, (self.spec.database, self.spec.table))
-                if not rows or int(rows[0][0]) == 0:
-                    return trio.current_time() - started
-                await trio.sleep(0.001)
-        log.info("cut-over: no moment without a transaction on %s in %gs; asking for the lock anyway",
-                 self.original, self.timeout)
-        return None
 
     async def _check_delta(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> None:
         """Exact under the lock: every key changed since the checksum snapshot."""
