@@ -8,6 +8,7 @@ whatever is left is cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -67,15 +68,7 @@ def settings_from(config: Config) -> Settings:
             client_tls.load_verify_locations(config.client_tls.ca)
             client_tls.verify_mode = ssl.CERT_REQUIRED
     return Settings(
-        max_client_connections=limits.max_client_connections,
-        max_backend_connections=limits.max_backend_connections,
-        backend_queue_size=limits.backend_queue_size,
-        backend_queue_timeout=limits.backend_queue_timeout,
-        connect_timeout=limits.connect_timeout,
-        handshake_timeout=limits.handshake_timeout,
-        idle_timeout=limits.idle_timeout,
-        max_allowed_packet=limits.max_allowed_packet,
-        shutdown_grace=limits.shutdown_grace,
+        **{f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)},
         client_tls=client_tls,
         client_tls_required=bool(config.client_tls and config.client_tls.required),
         trace_tags=config.events.trace_tags,

@@ -31,6 +31,7 @@ from proxy.backends import (
     connect,
 )
 from proxy.classify import Facts, Kind
+from proxy.config import Limits
 from proxy.events import trace_id_of
 from proxy.gate import Gate, Waiter
 from proxy.netio import (
@@ -138,17 +139,10 @@ class NullMetrics:
         pass
 
 
-@dataclass
-class Settings:
-    max_client_connections: int = 1000
-    max_backend_connections: int = 500
-    backend_queue_size: int = 1000
-    backend_queue_timeout: float = 5.0
-    connect_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 28800.0
-    max_allowed_packet: int = 64 * 1024 * 1024
-    shutdown_grace: float = 5.0
+@dataclass(frozen=True)
+class Settings(Limits):
+    """The configuration's ``[limits]`` plus what the relay needs from elsewhere in it."""
+
     client_tls: ssl.SSLContext | None = None
     client_tls_required: bool = False
     #: longest a statement waits at the gate, whatever happens to the hold
