@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pymysql
+
 from migrator.db import Connection, qualified
 from migrator.spec import MigrationSpec
 
@@ -323,13 +325,7 @@ async def read_table(connection: Connection, schema: str, table: str) -> TableSc
             (schema, table),
         )
         triggers = tuple(str(r[0]) for r in cursor.fetchall())
-        cursor.execute(
-            "SELECT CONSTRAINT_NAME FROM information_schema.REFERENTIAL_CONSTRAINTS "
-            "WHERE (CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s) "
-            "OR (UNIQUE_CONSTRAINT_SCHEMA = %s AND REFERENCED_TABLE_NAME = %s)",
-            (schema, table, schema, table),
-        )
-        foreign_keys = tuple(str(r[0]) for r in cursor.fetchall())
+        foreign_keys = _foreign_keys(cursor, schema, table)
         cursor.execute(f"SHOW CREATE TABLE {qualified(schema, table)}")
         create_sql = str(cursor.fetchall()[0][1])
         return TableSchema(
@@ -534,3 +530,45 @@ def plan_migration(spec: MigrationSpec, original: TableSchema, ghost: TableSchem
         "the old and new table share no PRIMARY KEY or NOT NULL UNIQUE key over unchanged "
         "columns; keep one such key unchanged through the migration",
     )
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _foreign_keys(cursor: Any, schema: str, table: str) -> tuple[str, ...]:
+    """Names of the foreign keys on ``schema.table`` and of those that reference it.
+
+    Without opening every table on the server: the table's own constraints by
+    information_schema's schema/table lookup, the referencing ones from
+    InnoDB's dictionary (``INNODB_SYS_FOREIGN``, names as ``db/table``).  An
+    information_schema query that must consider every schema opens every
+    table and view definition (slow with many tables; and the scan is where
+    MariaDB 10.11.19 crashed in our tests).  Only where that dictionary table
+    cannot be read (no PROCESS privilege) or the names need filename encoding
+    is the full scan used.
+    """
+    cursor.execute(
+        "SELECT CONSTRAINT_NAME FROM information_schema.REFERENTIAL_CONSTRAINTS "
+        "WHERE CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s",
+        (schema, table),
+    )
+    names = [str(r[0]) for r in cursor.fetchall()]
+    referencing: list[str] | None = None
+    if _PLAIN_NAME.fullmatch(schema) and _PLAIN_NAME.fullmatch(table):
+        try:
+            cursor.execute(
+                "SELECT ID FROM information_schema.INNODB_SYS_FOREIGN WHERE REF_NAME = %s AND FOR_NAME <> %s",
+                (f"{schema}/{table}", f"{schema}/{table}"),
+            )
+            referencing = [str(r[0]).split("/", 1)[-1] for r in cursor.fetchall()]
+        except pymysql.err.MySQLError:
+            referencing = None
+    if referencing is None:
+        cursor.execute(
+            "SELECT CONSTRAINT_NAME FROM information_schema.REFERENTIAL_CONSTRAINTS "
+            "WHERE UNIQUE_CONSTRAINT_SCHEMA = %s AND REFERENCED_TABLE_NAME = %s "
+            "AND NOT (CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s)",
+            (schema, table, schema, table),
+        )
+        referencing = [str(r[0]) for r in cursor.fetchall()]
+    return tuple(dict.fromkeys([*names, *referencing]))

@@ -52,6 +52,24 @@ async def test_foreign_keys(primary: sandbox.Instance, database: str) -> None:
     assert (await refused(primary, database, "ADD COLUMN c INT", table="p")).reason == "foreign-keys"
 
 
+async def test_foreign_keys_from_other_schemas(primary: sandbox.Instance, database: str) -> None:
+    """A child in another schema is found too: through InnoDB's dictionary for plain
+    names, through the information_schema scan for names that need encoding."""
+    other, odd = f"{database}_child", f"{database}-odd"
+    setup(primary, database, "CREATE TABLE q (id INT PRIMARY KEY)")
+    primary.execute(f"CREATE DATABASE `{other}`", f"CREATE DATABASE `{odd}`")
+    try:
+        primary.execute(f"CREATE TABLE `{other}`.c (id INT PRIMARY KEY, q INT, "
+                        f"FOREIGN KEY (q) REFERENCES `{database}`.q (id))",
+                        f"CREATE TABLE `{odd}`.p (id INT PRIMARY KEY)",
+                        f"CREATE TABLE `{database}`.r (id INT PRIMARY KEY, p INT, "
+                        f"FOREIGN KEY (p) REFERENCES `{odd}`.p (id))")
+        assert (await refused(primary, database, "ADD COLUMN c INT", table="q")).reason == "foreign-keys"
+        assert (await refused(primary, odd, "ADD COLUMN c INT", table="p")).reason == "foreign-keys"
+    finally:
+        primary.execute(f"DROP DATABASE `{other}`", f"DROP TABLE `{database}`.r", f"DROP DATABASE `{odd}`")
+
+
 async def test_rename_needs_approval(primary: sandbox.Instance, database: str) -> None:
     setup(primary, database, "CREATE TABLE t (id INT PRIMARY KEY, a INT)", "INSERT INTO t VALUES (1, 10), (2, 20)")
     assert (await refused(primary, database, "CHANGE COLUMN a b INT")).reason == "renamed-columns"
