@@ -668,7 +668,7 @@ class MigrationService:
                 "table_name": row["table_name"],
                 "alter_statement": row["alter_statement"],
                 "options": row["options"],
-                "state": row["state"] if row["state"] != "running" else progress.get("phase", "running"),
+                "state": row["state"] if row["state"] != "running" else _running_state(progress),
                 "leader": row["leader"],
                 "requested_at": row["requested_at"],
                 "updated_at": row["updated_at"],
@@ -823,6 +823,18 @@ def describe_failure(error: BaseException) -> str:
     if isinstance(error, BaseExceptionGroup):
         return "; ".join(describe_failure(inner) for inner in error.exceptions)
     return f"{type(error).__name__}: {error}"
+
+
+def _running_state(progress: dict[str, Any]) -> str:
+    """A led migration's state for the admin table: the migrator's phase, as documented.
+
+    Before the leader's first report, and while the migrator's own record is
+    still ``pending`` (it is being set up), it is ``validating``: never the
+    request's internal ``running`` nor a ``pending`` that would read as
+    "nobody took it yet".
+    """
+    phase = progress.get("phase")
+    return "validating" if phase in (None, "", "pending") else str(phase)
 
 
 def summary(row: tuple[str | None, ...]) -> dict[str, Any]:
