@@ -145,6 +145,8 @@ class ChildRunning:
     progress: dict[str, Any] = field(default_factory=dict)
     #: id of the last row of ``migration_events`` relayed to this sidecar's event log
     events_mark: int = 0
+    #: one relay at a time (the poll and the child's exit may both relay)
+    events_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -446,6 +448,10 @@ class MigrationService:
 
     async def _relay_child_events(self, child: ChildRunning) -> None:
         """Events our child leader appended to ``migration_events``: into our log, in order, then deleted."""
+        async with child.events_lock:
+            await self._relay_child_events_locked(child)
+
+    async def _relay_child_events_locked(self, child: ChildRunning) -> None:
         while True:
             rows = (await self.db.query(
                 f"SELECT id, record FROM {self.schema}.migration_events WHERE request_id = {int(child.request_id)} "
