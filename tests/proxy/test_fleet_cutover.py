@@ -9,6 +9,7 @@ online; afterwards the tables match, and no client saw an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import mysql.connector
 import pymysql
@@ -93,6 +95,12 @@ class Workload:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def failed(self, client: str, error: Exception, connection: Any) -> None:
+        """Every error counts (no retries); the transaction is rolled back if the connection allows."""
+        self.errors.append(f"{client}: {error!r}")
+        with contextlib.suppress(Exception):
+            connection.rollback()
+
     def record(self, started: float) -> None:
         with self.lock:
             self.latencies.append((started, time.monotonic() - started))
@@ -126,11 +134,7 @@ def _pymysql_worker(port: int, database: str, work: Workload, seed: int, next_id
                 cursor.fetchall()
                 work.record(started)
         except Exception as error:
-            work.errors.append(f"pymysql: {error!r}")
-            try:
-                connection.rollback()
-            except Exception:
-                pass
+            work.failed("pymysql", error, connection)
     connection.close()
 
 
@@ -151,11 +155,7 @@ def _prepared_worker(port: int, database: str, work: Workload, seed: int) -> Non
             connection.commit()
             work.record(started)
         except Exception as error:
-            work.errors.append(f"prepared: {error!r}")
-            try:
-                connection.rollback()
-            except Exception:
-                pass
+            work.failed("prepared", error, connection)
     connection.close()
 
 

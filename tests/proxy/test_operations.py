@@ -91,6 +91,25 @@ def through(running: RunningProxy, database: str) -> pymysql.connections.Connect
                            database=database, autocommit=True, connect_timeout=5)
 
 
+def open_transaction(primary: sandbox.Instance, database: str, statement: str = "SELECT COUNT(*) FROM items",
+                     **login: Any) -> tuple[Any, int]:
+    """A direct session inside a transaction that ran ``statement``: (connection, its id)."""
+    holder = primary.connect(database=database, **login)
+    with holder.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute(statement)
+        cursor.execute("SELECT CONNECTION_ID()")
+        (holder_id,) = cursor.fetchone()
+    return holder, int(holder_id)
+
+
+def finished(control: pymysql.connections.Connection[Any], migration_id: int, what: str = "completion",
+             timeout: float = 30.0) -> dict[str, Any]:
+    """The migration's row once it is complete or failed."""
+    return wait_for(what, lambda: (row := migration(control, migration_id))["state"] in ("complete", "failed")
+                    and row, timeout=timeout)
+
+
 def state_schema(tmp_path: Path) -> str:
     """A state schema of the test's own: its fleet is this test's sidecar alone."""
     return "_tg_ops_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)[-40:]
@@ -156,12 +175,7 @@ def test_direct_session_blocks_the_database_lock(
     sidecar: RunningProxy, primary: sandbox.Instance, database: str, mdl_instrument: None, tmp_path: Path
 ) -> None:
     make_table(primary, database)
-    holder = primary.connect(database=database)  # bypasses every sidecar
-    with holder.cursor() as cursor:
-        cursor.execute("BEGIN")
-        cursor.execute("SELECT COUNT(*) FROM items")
-        cursor.execute("SELECT CONNECTION_ID()")
-        (holder_id,) = cursor.fetchone()
+    holder, holder_id = open_transaction(primary, database)  # bypasses every sidecar
     control = admin(sidecar)
     try:
         migration_id = start_migration(control, database, FAST)
@@ -180,8 +194,7 @@ def test_direct_session_blocks_the_database_lock(
         assert f"connection {holder_id} direct" in failure and "lock not granted" in failure, failure
 
         holder.commit()
-        final = wait_for("completion", lambda: (row := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and row)
+        final = finished(control, migration_id)
         assert final["state"] == "complete", final
     finally:
         holder.close()
@@ -265,8 +278,7 @@ def test_sidecar_session_blocks_the_drain(sidecar: RunningProxy, primary: sandbo
         assert event_rows and event_rows[0]["trace_id"] == TRACE_ID
 
         client.commit()
-        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and r)
+        final = finished(control, migration_id)
         assert final["state"] == "complete", final
     finally:
         stop.set()
@@ -284,17 +296,11 @@ def test_sidecar_session_blocks_the_drain(sidecar: RunningProxy, primary: sandbo
 
 def test_failure_reason_names_the_blocker(sidecar: RunningProxy, primary: sandbox.Instance, database: str) -> None:
     make_table(primary, database, rows=3)
-    holder = primary.connect(database=database)
-    with holder.cursor() as cursor:
-        cursor.execute("BEGIN")
-        cursor.execute("SELECT COUNT(*) FROM items")
-        cursor.execute("SELECT CONNECTION_ID()")
-        (holder_id,) = cursor.fetchone()
+    holder, holder_id = open_transaction(primary, database)
     control = admin(sidecar)
     try:
         migration_id = start_migration(control, database, FAST + ",cut_over_max_attempts=1")
-        final = wait_for("the failure", lambda: (r := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and r)
+        final = finished(control, migration_id, "the failure")
         assert final["state"] == "failed", final
         assert "cut-over failed 1 times" in final["error"] and f"connection {holder_id}" in final["error"], final
         [end] = wait_for("migration.end", lambda: events(sidecar, "migration.end"))
@@ -309,12 +315,7 @@ def test_instant_change_blocked(
 ) -> None:
     """An INSTANT change that waits on the metadata lock is reported too (then falls back to a copy)."""
     make_table(primary, database, rows=3)
-    holder = primary.connect(database=database, user="app", password="app-secret")
-    with holder.cursor() as cursor:
-        cursor.execute("BEGIN")
-        cursor.execute("SELECT COUNT(*) FROM items")
-        cursor.execute("SELECT CONNECTION_ID()")
-        (holder_id,) = cursor.fetchone()
+    holder, holder_id = open_transaction(primary, database, user="app", password="app-secret")
     control = admin(sidecar)
     try:
         migration_id = start_migration(control, database, "cut_over_lock_timeout_seconds=1")
@@ -324,8 +325,7 @@ def test_instant_change_blocked(
         row = migration(control, migration_id)
         assert row["blocked_by"] is None or f"connection {holder_id}" in row["blocked_by"]
         holder.commit()
-        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and r)
+        final = finished(control, migration_id)
         assert final["state"] == "complete", final
     finally:
         holder.close()
@@ -357,17 +357,12 @@ def test_kill_blockers_after(
     names them as lock holders (here: the performance_schema instrument)."""
     make_table(primary, database)
     # The application's account (the service account's own connections are never killed).
-    holder = primary.connect(database=database, user="app", password="app-secret")
-    with holder.cursor() as cursor:
-        cursor.execute("BEGIN")
-        cursor.execute("UPDATE items SET name = 'mine' WHERE id = 1")
-        cursor.execute("SELECT CONNECTION_ID()")
-        (holder_id,) = cursor.fetchone()
+    holder, holder_id = open_transaction(primary, database, "UPDATE items SET name = 'mine' WHERE id = 1",
+                                         user="app", password="app-secret")
     control = admin(sidecar)
     try:
         migration_id = start_migration(control, database, FAST + ",kill_blockers_after=1.5")
-        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and r, timeout=40)
+        final = finished(control, migration_id, "completion", timeout=40)
         assert final["state"] == "complete", final
         [killed] = wait_for("the kill event", lambda: events(sidecar, "cutover.blocker_killed"))
         assert killed["processlist_id"] == holder_id and killed["blocked_seconds"] >= 1.5
@@ -446,8 +441,7 @@ def test_hooks_fire_in_order_and_before_cut_over_vetoes(
         assert [r for r in (tmp_path / "hooks.log").read_text().splitlines() if r.startswith("before_cut_over")]
 
         go.touch()
-        final = wait_for("completion", lambda: (r := migration(control, migration_id))["state"] in
-                         ("complete", "failed") and r)
+        final = finished(control, migration_id)
         assert final["state"] == "complete", final
         wait_for("the success hook", lambda: "success" in log_file.read_text())
     finally:
