@@ -115,8 +115,6 @@ class CutOver:
         self.timeout = spec.cut_over_lock_timeout_seconds
         self.delta_keys = 0  # keys compared under the lock in the last attempt
         self.delta_resynced = 0  # of which re-synced
-        #: NOWAIT tries of the last lock request (1: granted at once; 0: fell back to a waiting request)
-        self.polite_tries = 0
 
     # -- helpers shared with the checksum snapshot ----------------------------------
 
@@ -159,10 +157,8 @@ class CutOver:
         statements behind it nor make a transaction that read the table and
         now writes it a metadata-lock deadlock victim.
         """
-        self.polite_tries = 0
         deadline = trio.current_time() + seconds
         while True:
-            self.polite_tries += 1
             try:
                 await connection.execute(lock + " NOWAIT")
                 return True
@@ -170,7 +166,6 @@ class CutOver:
                 if error.code != db.ER_LOCK_WAIT_TIMEOUT:
                     raise
             if trio.current_time() >= deadline:
-                self.polite_tries = 0
                 return False
             await trio.sleep(0.002)
 
