@@ -1,9 +1,12 @@
-"""Throwaway MariaDB instances for tests, the demo and benchmarks.
+"""Throwaway MariaDB (and MySQL 8+) instances for tests, the demo and benchmarks.
 
 Each instance gets its own temporary datadir, a free loopback port and a unix
 socket, and is stopped by pid.  It never touches a server that may already run
 on 3306.  The primary is configured the way the migrator needs it (ROW binlog,
 FULL image, FULL row metadata, GTIDs); a replica replicates from it by GTID.
+
+:class:`Sandbox` runs MariaDB; :class:`MysqlSandbox` runs MySQL 8+ the same
+way (GTID mode on), from a server found or fetched by :mod:`proxy.mysqldist`.
 
 Blocking code on purpose: it runs before trio starts (pytest session fixtures,
 the ``demo`` command, benchmarks).
@@ -23,9 +26,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pymysql
+
+if TYPE_CHECKING:
+    from proxy.mysqldist import MysqlDist
 
 SERVER_BINARIES = ("mariadbd", "mariadb-install-db")
 SEARCH_PATH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
@@ -37,6 +43,18 @@ PRIMARY_OPTIONS = (
     "--binlog-row-metadata=FULL",
     "--log-slave-updates=1",
     "--gtid-strict-mode=1",
+)
+
+#: the same for MySQL 8+: GTID mode instead of MariaDB's domain GTIDs.  Replica
+#: updates are logged by default (log_replica_updates=ON).
+MYSQL_PRIMARY_OPTIONS = (
+    "--log-bin=mysql-bin",
+    "--relay-log=relay-bin",
+    "--gtid-mode=ON",
+    "--enforce-gtid-consistency=ON",
+    "--binlog-format=ROW",
+    "--binlog-row-image=FULL",
+    "--binlog-row-metadata=FULL",
 )
 
 
@@ -142,7 +160,7 @@ def free_port() -> int:
 
 @dataclass
 class Instance:
-    """One running mariadbd."""
+    """One running mariadbd (or MySQL mysqld)."""
 
     name: str
     port: int
@@ -152,6 +170,8 @@ class Instance:
     role: str = "primary"
     user: str = "root"
     password: str = "root"
+    #: "mariadb" or "mysql"
+    flavor: str = "mariadb"
 
     @property
     def datadir(self) -> Path:
@@ -222,6 +242,8 @@ class Instance:
             print(f"sandbox: {self.name} (pid {process.pid}) had exited with code {process.returncode}; "
                   f"its error log is kept in {kept}; last lines:\n{self.tail_log(40)}", file=sys.stderr)
         if process.poll() is None:
+            if self.flavor == "mysql":
+                self._kill_binlog_dumps()
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
@@ -229,6 +251,26 @@ class Instance:
                 process.kill()
                 process.wait(10)
         self.process = None
+
+    def _kill_binlog_dumps(self) -> None:
+        """End MySQL's binlog dump threads before a shutdown.
+
+        A dump thread whose reader (a replica, a binlog stream) has gone keeps
+        waiting for new events, and holds a SIGTERM shutdown up for ~10 s.
+        """
+        with contextlib.suppress(Exception):
+            connection = pymysql.connect(
+                unix_socket=self.socket_path, user="root", password="", connect_timeout=2
+            )
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SHOW PROCESSLIST")
+                    for row in cursor.fetchall():
+                        if str(row[4]).startswith("Binlog Dump"):
+                            with contextlib.suppress(pymysql.err.MySQLError):
+                                cursor.execute(f"KILL {int(row[0])}")
+            finally:
+                connection.close()
 
     def kill(self) -> None:
         """SIGKILL, for crash tests."""
@@ -241,6 +283,9 @@ class Instance:
 @dataclass
 class Sandbox:
     """A directory holding one primary and optional replicas."""
+
+    flavor: ClassVar[str] = "mariadb"
+    server_name: ClassVar[str] = "mariadbd"
 
     base: Path | None = None
     instances: list[Instance] = field(default_factory=list)
@@ -311,7 +356,27 @@ class Sandbox:
         directory.mkdir(parents=True)
         shutil.copytree(self._initialized_template(), directory / "data")
         (directory / "tmp").mkdir()
-        instance = Instance(name, free_port(), directory, server_id, role=role)
+        instance = Instance(name, free_port(), directory, server_id, role=role, flavor=self.flavor)
+        command = self._server_command(instance, options, tls)
+        log = open(directory / "stdout.log", "wb")
+        instance.process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self._server_environment(),
+        )
+        log.close()
+        self._wait_ready(instance)
+        self.instances.append(instance)
+        return instance
+
+    def _server_environment(self) -> dict[str, str] | None:
+        return None
+
+    def _server_command(self, instance: Instance, options: tuple[str, ...], tls: bool) -> list[str]:
+        directory = instance.directory
+        server_id = instance.server_id
         command = [
             find_binary("mariadbd") or "mariadbd",
             "--no-defaults",
@@ -351,14 +416,7 @@ class Sandbox:
         ]
         if os.geteuid() == 0:
             command.append("--user=root")
-        log = open(directory / "stdout.log", "wb")
-        instance.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self._wait_ready(instance)
-        self.instances.append(instance)
-        return instance
+        return command
 
     def _wait_ready(self, instance: Instance, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -366,7 +424,7 @@ class Sandbox:
         while time.monotonic() < deadline:
             if instance.process is not None and instance.process.poll() is not None:
                 raise SandboxError(
-                    f"mariadbd {instance.name} exited with {instance.process.returncode}:\n"
+                    f"{self.server_name} {instance.name} exited with {instance.process.returncode}:\n"
                     f"{instance.tail_log()}"
                 )
             try:
@@ -402,7 +460,7 @@ class Sandbox:
             return
         instance.kill()  # never leak a server that did not come up
         raise SandboxError(
-            f"mariadbd {instance.name} not ready after {timeout:.0f}s ({last_error}):\n"
+            f"{self.server_name} {instance.name} not ready after {timeout:.0f}s ({last_error}):\n"
             f"{instance.tail_log()}"
         )
 
@@ -438,8 +496,148 @@ class Sandbox:
         self.stop()
 
 
+@dataclass
+class MysqlSandbox(Sandbox):
+    """The same sandbox running MySQL 8+ (GTID mode on, caching_sha2_password accounts).
+
+    ``dist`` is found or fetched by :func:`proxy.mysqldist.ensure_mysql` on the
+    first start when not given.  Replicas need MySQL 8.0.23+ (``CHANGE
+    REPLICATION SOURCE``).
+    """
+
+    flavor: ClassVar[str] = "mysql"
+    server_name: ClassVar[str] = "mysqld"
+
+    dist: MysqlDist | None = None
+
+    def mysql(self) -> MysqlDist:
+        if self.dist is None:
+            from proxy.mysqldist import ensure_mysql
+
+            self.dist = ensure_mysql()
+        return self.dist
+
+    def _server_environment(self) -> dict[str, str] | None:
+        return self.mysql().process_environment()
+
+    def _initialized_template(self) -> Path:
+        """mysqld --initialize-insecure once per sandbox; instances copy the result."""
+        if self._template is not None:
+            return self._template
+        assert self.base is not None
+        dist = self.mysql()
+        template = self.base / "template"
+        scratch = self.base / "template-tmp"
+        for leftover in (template, scratch):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        scratch.mkdir()
+        # root@localhost gets an empty password (socket only, like MariaDB's
+        # install-db); the RSA key pair for caching_sha2_password is made here
+        # too, so every instance copied from the template shares it.
+        command = dist.command(
+            "--no-defaults",
+            "--initialize-insecure",
+            f"--datadir={template}",
+            f"--tmpdir={scratch}",
+            *dist.server_options(),
+            f"--log-error={self.base / 'template.log'}",
+        )
+        if os.geteuid() == 0:
+            command.append("--user=root")
+        result = subprocess.run(
+            command, capture_output=True, text=True, check=False, env=dist.process_environment()
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+        # auto.cnf holds the server UUID: every instance must make its own, or a
+        # replica refuses a source with the same UUID (and GTIDs would collide).
+        with contextlib.suppress(FileNotFoundError):
+            (template / "auto.cnf").unlink()
+        if result.returncode != 0:
+            try:
+                log = (self.base / "template.log").read_text(errors="replace")
+            except OSError:
+                log = ""
+            raise SandboxError(
+                f"mysqld --initialize-insecure failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}\n{log[-4000:]}"
+            )
+        self._template = template
+        return template
+
+    def _server_command(self, instance: Instance, options: tuple[str, ...], tls: bool) -> list[str]:
+        dist = self.mysql()
+        directory = instance.directory
+        command = dist.command(
+            "--no-defaults",  # must come first
+            *dist.server_options(),
+            f"--datadir={instance.datadir}",
+            f"--tmpdir={directory / 'tmp'}",
+            f"--port={instance.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={instance.socket_path}",
+            f"--pid-file={directory / 'mysqld.pid'}",
+            f"--log-error={instance.log_path}",
+            f"--server-id={instance.server_id}",
+            "--mysqlx=OFF",  # X Protocol would listen on 33060
+            "--skip-name-resolve",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_0900_ai_ci",
+            "--innodb-buffer-pool-size=256M",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--sync-binlog=0",
+            "--max-connections=1000",
+            "--max-allowed-packet=256M",
+            "--local-infile=1",
+            "--secure-file-priv=",  # MariaDB's default: no restriction (the built-in dir does not exist here)
+            "--performance-schema=ON",
+            "--lock-wait-timeout=60",
+            # TLS is opt-in like on MariaDB: MySQL would otherwise offer TLS with
+            # certificates it makes itself.  caching_sha2_password still works
+            # without it (RSA key exchange, which pymysql does with cryptography).
+            *(
+                (
+                    f"--ssl-ca={self.tls_files()[0]}",
+                    f"--ssl-cert={self.tls_files()[1]}",
+                    f"--ssl-key={self.tls_files()[2]}",
+                )
+                if tls
+                else ("--tls-version=",)
+            ),
+            *options,
+        )
+        if os.geteuid() == 0:
+            command.append("--user=root")
+        return command
+
+    def start_primary(self, name: str = "primary", server_id: int = 1, *, tls: bool = False) -> Instance:
+        return self._spawn(name, server_id, MYSQL_PRIMARY_OPTIONS, "primary", tls)
+
+    def start_replica(self, primary: Instance, name: str = "replica", server_id: int = 2) -> Instance:
+        replica = self._spawn(
+            name,
+            server_id,
+            (*MYSQL_PRIMARY_OPTIONS, "--read-only=1", "--skip-replica-start"),
+            "replica",
+        )
+        # SOURCE_AUTO_POSITION: the replica's gtid_executed is empty (the account
+        # setup is not binlogged), so it fetches the primary's whole binlog.
+        # GET_SOURCE_PUBLIC_KEY: caching_sha2_password without TLS.
+        replica.execute(
+            f"CHANGE REPLICATION SOURCE TO SOURCE_HOST='127.0.0.1', SOURCE_PORT={primary.port}, "
+            "SOURCE_USER='repl', SOURCE_PASSWORD='repl', SOURCE_AUTO_POSITION=1, "
+            "SOURCE_CONNECT_RETRY=1, SOURCE_SSL=0, GET_SOURCE_PUBLIC_KEY=1",
+            "START REPLICA",
+        )
+        wait_replica_caught_up(primary, replica)
+        return replica
+
+
 def wait_replica_caught_up(primary: Instance, replica: Instance, timeout: float = 60.0) -> None:
     """Block until the replica has applied everything the primary has written."""
+    if primary.flavor == "mysql":
+        _wait_mysql_replica(primary, replica, timeout)
+        return
     (position,) = primary.execute("SELECT @@gtid_binlog_pos")[0]
     deadline = time.monotonic() + timeout
     while True:
@@ -449,6 +647,38 @@ def wait_replica_caught_up(primary: Instance, replica: Instance, timeout: float 
         if time.monotonic() > deadline:
             status = replica.execute("SHOW SLAVE STATUS")
             raise SandboxError(f"replica did not catch up to {position}: {status}")
+
+
+def _wait_mysql_replica(primary: Instance, replica: Instance, timeout: float) -> None:
+    (executed,) = primary.execute("SELECT @@GLOBAL.gtid_executed")[0]
+    executed = str(executed).replace("\n", "")
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = replica.execute(f"SELECT WAIT_FOR_EXECUTED_GTID_SET('{executed}', 1)")
+        if rows and rows[0][0] == 0:
+            return
+        status = _replica_status(replica)
+        stopped = [
+            f"{thread}: {status.get(f'Last_{thread}_Error')}"
+            for thread in ("IO", "SQL")
+            if status.get(f"Replica_{thread}_Running") == "No" and status.get(f"Last_{thread}_Errno")
+        ]
+        if stopped or time.monotonic() > deadline:
+            raise SandboxError(
+                f"replica {replica.name} did not catch up to {executed}: "
+                f"{'; '.join(stopped) or status}"
+            )
+
+
+def _replica_status(replica: Instance) -> dict[str, Any]:
+    connection = replica.connect(cursorclass=pymysql.cursors.DictCursor)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW REPLICA STATUS")
+            row = cursor.fetchone()
+        return dict(row) if row else {}
+    finally:
+        connection.close()
 
 
 @contextlib.contextmanager

@@ -47,3 +47,36 @@ def database(primary: sandbox.Instance) -> Iterator[str]:
         yield name
     finally:
         primary.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+# -- MySQL 8+ (fetched from Debian sid when no MySQL server is installed) --------
+
+
+@pytest.fixture(scope="session")
+def mysql_sandbox() -> Iterator[sandbox.MysqlSandbox]:
+    from proxy import mysqldist
+
+    # Like MariaDB's ensure_installed(): a missing server is an error
+    # (MysqlUnavailable says what to do), not a silent skip.
+    dist = mysqldist.ensure_mysql()
+    box = sandbox.MysqlSandbox(keep=bool(os.environ.get("TIDEGATE_KEEP_DB")), dist=dist)
+    try:
+        yield box
+    finally:
+        box.stop()
+
+
+@pytest.fixture(scope="session")
+def mysql_primary(mysql_sandbox: sandbox.MysqlSandbox) -> sandbox.Instance:
+    return mysql_sandbox.start_primary()
+
+
+@pytest.fixture
+def mysql_database(mysql_primary: sandbox.Instance) -> Iterator[str]:
+    """A fresh, empty schema on the MySQL primary, dropped afterwards."""
+    name = f"t{os.getpid()}_{next(_counter)}"
+    mysql_primary.execute(f"CREATE DATABASE `{name}`")
+    try:
+        yield name
+    finally:
+        mysql_primary.execute(f"DROP DATABASE IF EXISTS `{name}`")
