@@ -25,7 +25,7 @@ from typing import Any
 import pymysql
 import trio
 from pymysqlreplication import BinLogStreamReader
-from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
+from pymysqlreplication.event import GtidEvent, MariadbGtidEvent, QueryEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 from migrator import rowkeys
@@ -55,16 +55,63 @@ class BinlogItem:
         return not (self.keys or self.changelog or self.ddl)
 
 
-def parse_gtid_position(text: str) -> dict[int, str]:
-    position: dict[int, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        domain = int(part.split("-", 1)[0])
-        position[domain] = part
-    return position
+class GtidPosition:
+    """Where the reader stands: every transaction up to here has been received.
 
+    MariaDB: a GTID position, the last GTID per replication domain
+    (``0-1-100,1-2-7``).  MySQL: the set of executed GTIDs
+    (``3e11fa47-…:1-100``); a transaction adds its GTID to the set.  Either
+    text is what the server takes to start a binlog dump from (MariaDB's
+    ``slave_connect_state``, MySQL's ``COM_BINLOG_DUMP_GTID``).
+    """
 
-def format_gtid_position(position: dict[int, str]) -> str:
-    return ",".join(position[d] for d in sorted(position))
+    def __init__(self, text: str, *, mariadb: bool) -> None:
+        self.mariadb = mariadb
+        self._domains: dict[int, str] = {}
+        self._sets: dict[str, list[list[int]]] = {}
+        for part in filter(None, (p.strip() for p in text.replace("\n", "").split(","))):
+            if mariadb:
+                self._domains[int(part.split("-", 1)[0])] = part
+                continue
+            fields = part.split(":")
+            source = fields[0].lower()
+            for field_ in fields[1:]:
+                if re.fullmatch(r"\d+(-\d+)?", field_):
+                    first, _, last = field_.partition("-")
+                    self._add_interval(source, int(first), int(last or first))
+                else:  # a tag (MySQL 8.4+): the intervals after it belong to uuid:tag
+                    source = f"{fields[0].lower()}:{field_}"
+
+    def _add_interval(self, source: str, first: int, last: int) -> None:
+        intervals = self._sets.setdefault(source, [])
+        if intervals and intervals[-1][1] + 1 >= first >= intervals[-1][0]:
+            intervals[-1][1] = max(intervals[-1][1], last)  # the usual case: the next GTID
+            return
+        intervals.append([first, last])
+        intervals.sort()
+        merged: list[list[int]] = []
+        for interval in intervals:
+            if merged and interval[0] <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], interval[1])
+            else:
+                merged.append(interval)
+        self._sets[source] = merged
+
+    def add(self, gtid: str) -> None:
+        """A complete transaction was received."""
+        if self.mariadb:
+            self._domains[int(gtid.split("-", 1)[0])] = gtid
+            return
+        source, _, number = gtid.rpartition(":")
+        self._add_interval(source.lower(), int(number), int(number))
+
+    def __str__(self) -> str:
+        if self.mariadb:
+            return ",".join(self._domains[d] for d in sorted(self._domains))
+        return ",".join(
+            source + ":" + ":".join(f"{a}-{b}" if a != b else str(a) for a, b in intervals)
+            for source, intervals in sorted(self._sets.items())
+        )
 
 
 class BinlogError(RuntimeError):
@@ -84,6 +131,7 @@ class BinlogStreamer:
         start_gtid: str,
         *,
         server_id: int,
+        mariadb: bool = True,
         reconnect_attempts: int = 10,
     ) -> None:
         self._settings = settings
@@ -91,7 +139,8 @@ class BinlogStreamer:
         self._table = table
         self._changelog = changelog_table
         self._key_columns = tuple(key_columns)
-        self._position = parse_gtid_position(start_gtid)
+        self._mariadb = mariadb
+        self._position = GtidPosition(start_gtid, mariadb=mariadb)
         self._server_id = server_id
         self._reconnect_attempts = reconnect_attempts
         self._stop = threading.Event()
@@ -162,7 +211,7 @@ class BinlogStreamer:
                 failures += 1
                 if failures > self._reconnect_attempts:
                     raise BinlogError(f"binlog stream failed {failures} times: {error}") from error
-                log.warning("binlog stream error (%s); reconnecting from %s", error, format_gtid_position(self._position))
+                log.warning("binlog stream error (%s); reconnecting from %s", error, self._position)
                 time.sleep(min(2.0, 0.1 * 2**failures))
 
     def _stream(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any) -> None:
@@ -177,11 +226,11 @@ class BinlogStreamer:
             connection_settings=settings,
             server_id=self._server_id,
             blocking=True,
-            is_mariadb=True,
-            auto_position=format_gtid_position(self._position),
+            is_mariadb=self._mariadb,
+            auto_position=str(self._position),
             only_schemas=[self._schema],
             only_tables=[self._table, self._changelog],
-            only_events=[MariadbGtidEvent, XidEvent, QueryEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent],
+            only_events=[MariadbGtidEvent if self._mariadb else GtidEvent, XidEvent, QueryEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent],
             freeze_schema=True,
             pymysql_wrapper=self._connect,
             enable_logging=False,
@@ -195,7 +244,7 @@ class BinlogStreamer:
                     return
                 self.events_read += 1
                 self.last_event_time = time.time()
-                if isinstance(event, MariadbGtidEvent):
+                if isinstance(event, MariadbGtidEvent | GtidEvent):
                     current = event.gtid
                     continue
                 if isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
@@ -220,9 +269,8 @@ class BinlogStreamer:
                         if schema == self._schema or f"{self._schema}." in query or f"`{self._schema}`." in query:
                             item.ddl.append(query)
                 if ends and current is not None:
-                    domain = int(current.split("-", 1)[0])
-                    self._position[domain] = current
-                    item.gtid = format_gtid_position(self._position)
+                    self._position.add(current)
+                    item.gtid = str(self._position)
                     item.transactions += 1
                     current = None
                     now = time.monotonic()

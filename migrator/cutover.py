@@ -157,6 +157,9 @@ class CutOver:
         statements behind it nor make a transaction that read the table and
         now writes it a metadata-lock deadlock victim.
         """
+        if not connection.mariadb:
+            await trio.lowlevel.checkpoint()
+            return False  # MySQL's LOCK TABLES has no NOWAIT: only the waiting request
         deadline = trio.current_time() + seconds
         while True:
             try:
@@ -205,6 +208,8 @@ class CutOver:
         tracked_keys: set[tuple[object, ...]] | None,
     ) -> AttemptResult:
         """One cut-over attempt.  DONE, or RETRY with the original untouched."""
+        if not locker.mariadb:
+            return await self.attempt_atomic(locker, tracked_keys)
         await self.applier.pause()
         started = trio.current_time()
         locked = held = renamed = False
@@ -291,6 +296,44 @@ class CutOver:
                             await connection.close()  # closing the session releases its locks
                 if not renamed:
                     # After a rename the ghost is gone: the applier stays paused for good.
+                    self.applier.paused = False
+
+    async def attempt_atomic(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> AttemptResult:
+        """MySQL 8.0.13+: the rename runs inside the session that holds the write locks.
+
+        ``LOCK TABLES t WRITE, ghost WRITE, changelog WRITE``; sentinel round
+        trip and delta check as on MariaDB; then ``RENAME TABLE t TO _t_del,
+        ghost TO t`` in the same session, which MySQL allows on write-locked
+        tables; ``UNLOCK TABLES``.  Nothing can reach ``t`` between the lock
+        and the rename, statements queued on ``t`` open the new table, and if
+        the process dies at any point the session's end releases the locks
+        with either nothing or everything done.
+        """
+        await self.applier.pause()
+        started = trio.current_time()
+        locked = renamed = False
+        try:
+            try:
+                locked = True  # a LOCK TABLES that failed holds nothing; UNLOCK is harmless
+                await self.lock_and_catch_up(locker)
+            except DatabaseError as error:
+                if error.code in (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK):
+                    return AttemptResult(Outcome.RETRY, f"lock not granted in {self.timeout:g}s ({error.code})")
+                raise
+            except trio.TooSlowError:
+                return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
+            await self._check_delta(locker, tracked_keys)
+            await locker.execute(f"RENAME TABLE {self.original} TO {self.sentry}, {self.ghost} TO {self.original}")
+            renamed = True
+            return AttemptResult(Outcome.DONE, hold_seconds=trio.current_time() - started)
+        finally:
+            with trio.CancelScope(shield=True):
+                if locked:
+                    try:
+                        await locker.execute("UNLOCK TABLES")
+                    except DatabaseError:
+                        await locker.close()  # closing the session releases its locks
+                if not renamed:
                     self.applier.paused = False
 
     async def _check_delta(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> None:

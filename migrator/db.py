@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ ER_LOCK_WAIT_TIMEOUT = 1205
 ER_LOCK_DEADLOCK = 1213
 ER_QUERY_INTERRUPTED = 1317
 ER_STATEMENT_TIMEOUT = 1969  # MariaDB max_statement_time
+ER_QUERY_TIMEOUT = 3024  # MySQL max_execution_time
 ER_NO_SUCH_TABLE = 1146
 ER_TABLE_EXISTS = 1050
 ER_BAD_TABLE = 1051
@@ -144,6 +146,8 @@ class Connection:
         self._raw: Any = None
         self._lock = trio.Lock()
         self.thread_id: int | None = None
+        #: the server's version string from its handshake ("10.11.19-MariaDB-…", "8.0.36")
+        self.server_version = ""
 
     # -- lifecycle -------------------------------------------------------
 
@@ -159,6 +163,7 @@ class Connection:
             raise DatabaseError(CR_CONN_HOST_ERROR, str(error)) from error
         self._raw = raw
         self.thread_id = int(raw.thread_id())
+        self.server_version = str(raw.get_server_info())
 
     async def connect(self) -> Connection:
         await trio.to_thread.run_sync(self._connect_blocking)
@@ -185,6 +190,11 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self._raw is not None
+
+    @property
+    def mariadb(self) -> bool:
+        """Whether the server is MariaDB (else MySQL); known once connected."""
+        return is_mariadb(self.server_version)
 
     # -- work --------------------------------------------------------------
 
@@ -289,6 +299,21 @@ async def with_retries(
             log.warning("%s failed (%s); retry %d/%d in %.2fs", what, error, attempt, retries, backoff)
             await trio.sleep(backoff)
             backoff = min(max_backoff, backoff * 2)
+
+
+def is_mariadb(version: str) -> bool:
+    return "mariadb" in version.lower()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"8.0.36-log"`` → ``(8, 0, 36)``."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
+
+
+def gtid_position_sql(mariadb: bool) -> str:
+    """The server's current binlog position as a GTID position (MariaDB) or executed set (MySQL)."""
+    return "SELECT @@gtid_binlog_pos" if mariadb else "SELECT @@GLOBAL.gtid_executed"
 
 
 def quote(name: str) -> str:

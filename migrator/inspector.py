@@ -13,7 +13,7 @@ from typing import Any
 
 import pymysql
 
-from migrator.db import Connection, qualified
+from migrator.db import Connection, qualified, version_tuple
 from migrator.spec import MigrationSpec
 
 
@@ -88,6 +88,7 @@ class ServerFacts:
     gtid_binlog_pos: str
     server_id: int
     read_only: bool
+    gtid_mode: str = "ON"
 
 
 @dataclass(frozen=True)
@@ -136,32 +137,38 @@ class Plan:
 async def server_facts(connection: Connection) -> ServerFacts:
     rows = await connection.query(
         "SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, "
-        "@@gtid_binlog_pos, @@server_id, @@read_only"
+        "@@binlog_row_metadata, @@server_id, @@read_only"
     )
-    version, log_bin, binlog_format, row_image, gtid, server_id, read_only = rows[0]
+    version, log_bin, binlog_format, row_image, metadata, server_id, read_only = rows[0]
     mariadb = "mariadb" in str(version).lower()
-    metadata: str | None = None
-    if mariadb:
-        metadata = str((await connection.query("SELECT @@binlog_row_metadata"))[0][0])
+    if mariadb:  # every MariaDB transaction has a GTID
+        gtid, gtid_mode = (await connection.query("SELECT @@gtid_binlog_pos"))[0][0], "ON"
+    else:
+        gtid, gtid_mode = (await connection.query("SELECT @@GLOBAL.gtid_executed, @@GLOBAL.gtid_mode"))[0]
     return ServerFacts(
         version=str(version),
         mariadb=mariadb,
         log_bin=bool(int(log_bin)),
         binlog_format=str(binlog_format).upper(),
         binlog_row_image=str(row_image).upper(),
-        binlog_row_metadata=metadata.upper() if metadata else None,
+        binlog_row_metadata=str(metadata).upper() if metadata else None,
         gtid_binlog_pos=str(gtid or ""),
         server_id=int(server_id),
         read_only=bool(int(read_only)),
+        gtid_mode=str(gtid_mode).upper(),
     )
 
 
+#: The standalone cut-over renames under LOCK TABLES on MySQL (8.0.13 and later).
+MYSQL_MINIMUM = (8, 0, 13)
+
+
 def check_binlog(facts: ServerFacts) -> None:
-    if not facts.mariadb:
+    if not facts.mariadb and version_tuple(facts.version) < MYSQL_MINIMUM:
         raise Refusal(
             "unsupported-server",
-            f"server {facts.version} is not MariaDB; this migrator's binlog reader and "
-            "cut-over are tested on MariaDB 10.11 only",
+            f"server {facts.version} is too old: MySQL 8.0.13 or later (RENAME TABLE under "
+            "LOCK TABLES, for the atomic cut-over) or MariaDB 10.6 or later is needed",
         )
     if facts.read_only:
         raise Refusal("read-only", "the server is read_only; point --host/--dsn at the primary")
@@ -178,15 +185,26 @@ def check_binlog(facts: ServerFacts) -> None:
             "binlog-row-image",
             f"binlog_row_image is {facts.binlog_row_image}; set it to FULL",
         )
-    if facts.mariadb and facts.binlog_row_metadata != "FULL":
+    if facts.binlog_row_metadata != "FULL":
         raise Refusal(
             "binlog-row-metadata",
-            f"binlog_row_metadata is {facts.binlog_row_metadata}; MariaDB needs FULL so the "
+            f"binlog_row_metadata is {facts.binlog_row_metadata}; it must be FULL so the "
             "binlog carries column names and signedness (SET GLOBAL binlog_row_metadata=FULL)",
+        )
+    if facts.gtid_mode != "ON":
+        raise Refusal(
+            "gtid-mode",
+            f"gtid_mode is {facts.gtid_mode}; the binlog reader starts and resumes from GTIDs: "
+            "set enforce_gtid_consistency=ON and gtid_mode=ON (stepping through "
+            "OFF_PERMISSIVE and ON_PERMISSIVE)",
         )
 
 
-REQUIRED_GLOBAL = ("REPLICATION SLAVE", "BINLOG MONITOR")
+def required_global(mariadb: bool) -> tuple[str, ...]:
+    """Global privileges for reading the binlog: MariaDB 10.5 split REPLICATION CLIENT."""
+    return ("REPLICATION SLAVE", "BINLOG MONITOR") if mariadb else ("REPLICATION SLAVE", "REPLICATION CLIENT")
+
+
 REQUIRED_ON_SCHEMA = ("SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "LOCK TABLES", "TRIGGER")
 
 
@@ -216,7 +234,7 @@ async def check_privileges(connection: Connection, schema: str, state_schema: st
                 return True
         return False
 
-    missing = [p for p in REQUIRED_GLOBAL if not has(p, None)]
+    missing = [p for p in required_global(connection.mariadb) if not has(p, None)]
     missing += [f"{p} ON `{schema}`.*" for p in REQUIRED_ON_SCHEMA if not has(p, schema)]
     missing += [
         f"{p} ON `{state_schema}`.*"

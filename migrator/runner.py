@@ -469,7 +469,7 @@ class Migration:
         )
         # The binlog position is taken before the copy starts: every change after
         # it reaches the ghost through the applier.
-        gtid = str((await control.query("SELECT @@gtid_binlog_pos"))[0][0] or "")
+        gtid = str((await control.query(db.gtid_position_sql(control.mariadb)))[0][0] or "")
         key_list = ", ".join(quote(c) for c in plan.key_columns)
         upper_rows = await control.query(
             f"SELECT {key_list} FROM {qualified(spec.database, spec.table)} ORDER BY "
@@ -559,7 +559,7 @@ class Migration:
         cut = CutOver(spec, plan, applier, checksummer)
         streamer = BinlogStreamer(
             spec.settings, spec.database, spec.table, spec.changelog_table, plan.key_columns,
-            checkpoint.binlog_gtid or "", server_id=random.randrange(1 << 20, 1 << 31),
+            checkpoint.binlog_gtid or "", server_id=random.randrange(1 << 20, 1 << 31), mariadb=control.mariadb,
         )
         connections: list[Connection] = []
 

@@ -107,9 +107,8 @@ class Throttle:
             names = sorted({t.variable for t in (*self._max_load, *self._critical)})
             placeholders = ", ".join(["%s"] * len(names))
             rows = await self._primary.query(
-                f"SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-                f"WHERE VARIABLE_NAME IN ({placeholders})",
-                [n.upper() for n in names],
+                # SHOW, not information_schema.GLOBAL_STATUS: MySQL 8 has no such table
+                f"SHOW GLOBAL STATUS WHERE Variable_name IN ({placeholders})", names
             )
             status: dict[str, float] = {}
             for name, value in rows:

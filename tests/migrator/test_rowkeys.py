@@ -8,7 +8,7 @@ from typing import Any
 import trio
 
 from migrator.binlog import BinlogItem, BinlogStreamer
-from migrator.db import ConnectionSettings
+from migrator.db import ConnectionSettings, gtid_position_sql
 from proxy import sandbox
 
 #: every column type whose size the reader must know, around an integer composite key
@@ -54,7 +54,8 @@ def row(rng: random.Random, a: int, b: int) -> tuple[Any, ...]:
 
 async def keys_from_binlog(primary: sandbox.Instance, database: str, start: str, fast: bool) -> tuple[list[Any], Any]:
     settings = ConnectionSettings(host=primary.host, port=primary.port, user=primary.user, password=primary.password)
-    streamer = BinlogStreamer(settings, database, "w", "marks", ["a", "b"], start, server_id=random.randrange(1 << 20, 1 << 30))
+    streamer = BinlogStreamer(settings, database, "w", "marks", ["a", "b"], start,
+                              server_id=random.randrange(1 << 20, 1 << 30), mariadb=primary.flavor == "mariadb")
     streamer._fast_keys = fast
     keys: list[Any] = []
     send, receive = trio.open_memory_channel[BinlogItem](64)
@@ -71,7 +72,7 @@ async def keys_from_binlog(primary: sandbox.Instance, database: str, start: str,
 
 async def test_fast_keys_equal_mysql_replication_decoding(primary: sandbox.Instance, database: str) -> None:
     primary.execute(f"USE `{database}`", WIDE, CHANGELOG)
-    start = str(primary.execute("SELECT @@gtid_binlog_pos")[0][0])
+    start = str(primary.execute(gtid_position_sql(primary.flavor == "mariadb"))[0][0])
     rng = random.Random(77)
     connection = primary.connect(database=database)
     placeholders = ", ".join(["%s"] * 33)

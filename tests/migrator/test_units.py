@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ import trio
 import trio.testing
 
 from migrator.applier import Applier
-from migrator.binlog import BinlogItem
+from migrator.binlog import BinlogItem, GtidPosition
 from migrator.chunker import ChunkSizer
 from migrator.db import DatabaseError
-from migrator.inspector import Plan
+from migrator.inspector import Plan, Refusal, ServerFacts, check_binlog
 from migrator.spec import LoadThreshold
 from migrator.throttler import CriticalLoad, Throttle
 
@@ -205,3 +206,54 @@ async def test_paused_applier_only_flushes_when_forced() -> None:
     writer = FakeWriter()
     assert await applier.flush(writer) == 0  # type: ignore[arg-type]
     assert await applier.flush(writer, force=True) == 1  # type: ignore[arg-type]
+
+
+# -- server checks and binlog positions ----------------------------------------------------
+
+
+def _facts(**changes: Any) -> ServerFacts:
+    facts = ServerFacts(version="8.0.36", mariadb=False, log_bin=True, binlog_format="ROW",
+                        binlog_row_image="FULL", binlog_row_metadata="FULL", gtid_binlog_pos="",
+                        server_id=1, read_only=False, gtid_mode="ON")
+    return dataclasses.replace(facts, **changes)
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"version": "8.0.12-log"}, "unsupported-server"),
+    ({"version": "5.7.44"}, "unsupported-server"),
+    ({"gtid_mode": "OFF_PERMISSIVE"}, "gtid-mode"),
+    ({"binlog_row_metadata": "MINIMAL"}, "binlog-row-metadata"),
+    ({"binlog_format": "MIXED"}, "binlog-format"),
+    ({"read_only": True}, "read-only"),
+])
+def test_server_refusals(changes: dict[str, Any], reason: str) -> None:
+    with pytest.raises(Refusal) as refused:
+        check_binlog(_facts(**changes))
+    assert refused.value.reason == reason
+
+
+def test_supported_servers_pass() -> None:
+    check_binlog(_facts())
+    check_binlog(_facts(version="9.7.4"))
+    check_binlog(_facts(version="10.11.19-MariaDB-0+deb12u1", mariadb=True))
+
+
+def test_mysql_gtid_set_grows_by_each_transaction() -> None:
+    uuid = "3e11fa47-71ca-11e1-9e33-c80aa9429562"
+    position = GtidPosition(f"{uuid.upper()}:1-5:7,\nabc:1-3", mariadb=False)
+    assert str(position) == f"{uuid}:1-5:7,abc:1-3"
+    position.add(f"{uuid}:6")  # fills the gap: one interval
+    position.add("abc:4")
+    position.add("def:1")
+    assert str(position) == f"{uuid}:1-7,abc:1-4,def:1"
+    tagged = GtidPosition(f"{uuid}:1-3:blue:1-2", mariadb=False)
+    tagged.add(f"{uuid}:blue:3")
+    assert str(tagged) == f"{uuid}:1-3,{uuid}:blue:1-3"
+    assert str(GtidPosition("", mariadb=False)) == ""
+
+
+def test_mariadb_position_keeps_the_last_gtid_per_domain() -> None:
+    position = GtidPosition("0-1-5,1-2-3", mariadb=True)
+    position.add("0-1-6")
+    position.add("2-1-1")
+    assert str(position) == "0-1-6,1-2-3,2-1-1"

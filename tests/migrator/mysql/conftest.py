@@ -1,0 +1,17 @@
+"""The migrator's tests again, against MySQL (8.0.13+; the sandbox brings 9.7 from Debian sid).
+
+Every test module here imports test functions written for MariaDB; this
+``primary`` makes them (and ``database``, ``workload_factory``, which ask for
+``primary``) run on a MySQL primary instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy import sandbox
+
+
+@pytest.fixture(scope="session")
+def primary(mysql_primary: sandbox.Instance) -> sandbox.Instance:
+    return mysql_primary

@@ -1,0 +1,81 @@
+"""Concurrent DML, cut-over under a conflicting lock, postpone, panic, kill -9 and resume,
+refusals, the instant path and the binlog key reader — on MySQL.
+
+MySQL's standalone cut-over renames inside the session that holds the write
+locks (``CutOver.attempt_atomic``); everything else is the same code as on
+MariaDB, so the same tests must pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from migrator.cutover import CutOver
+from migrator.runner import Migration
+from migrator.state import Phase
+from proxy import sandbox
+from tests.migrator.conftest import assert_same, create_pair, make_spec
+from tests.migrator.test_composite import (  # noqa: F401
+    test_checksum_repairs_a_stray_row_and_refuses_a_broken_ghost,
+    test_composite_primary_key_under_dml,
+    test_repeated_cut_overs_lose_nothing,
+)
+from tests.migrator.test_control import (  # noqa: F401
+    test_conflicting_lock_then_retry,
+    test_kill9_during_copy_and_cut_over_then_resume,
+    test_panic_flag_cancels,
+    test_postpone_flag_file,
+    test_schema_version_drift,
+)
+from tests.migrator.test_migration import (  # noqa: F401
+    test_add_column_under_random_dml,
+    test_checksum_behind_the_copy_under_random_dml,
+)
+from tests.migrator.test_refusals import (  # noqa: F401
+    test_binlog_row_metadata,
+    test_change_drops_the_only_key,
+    test_dry_run_changes_nothing,
+    test_foreign_keys,
+    test_foreign_keys_from_other_schemas,
+    test_instant_path,
+    test_leftovers,
+    test_lossy_change_needs_approval,
+    test_missing_privileges,
+    test_no_unique_key,
+    test_nullable_unique_key_is_not_enough,
+    test_rename_needs_approval,
+    test_triggers,
+    test_widening_needs_no_approval,
+)
+from tests.migrator.test_rowkeys import test_fast_keys_equal_mysql_replication_decoding  # noqa: F401
+
+
+async def test_the_cut_over_renames_inside_the_write_lock(
+    primary: sandbox.Instance, database: str, workload_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite above really runs on MySQL, through the MySQL cut-over."""
+    (version,) = primary.execute("SELECT @@version")[0]
+    assert primary.flavor == "mysql" and "mariadb" not in str(version).lower()
+    attempts: list[str] = []
+    atomic = CutOver.attempt_atomic
+
+    async def counted(self: CutOver, *args: Any) -> Any:
+        result = await atomic(self, *args)
+        attempts.append(result.outcome.value)
+        return result
+
+    monkeypatch.setattr(CutOver, "attempt_atomic", counted)
+    create_pair(primary, database, rows=3000, seed=5)
+    workload = workload_factory(database, threads=2, rate=100)
+    workload.start()
+    result = await Migration(make_spec(primary, database, "ADD COLUMN extra INT NULL")).run()
+    await trio.to_thread.run_sync(workload.finish)
+    assert result.phase == Phase.COMPLETE
+    assert attempts and attempts[-1] == "done"
+    assert workload.unexpected == []
+    assert_same(primary, database)
+    tables = {r[0] for r in primary.execute(f"SHOW TABLES FROM `{database}`")}
+    assert "_t_gho" not in tables and "t" in tables
