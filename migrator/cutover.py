@@ -144,7 +144,12 @@ class CutOver:
                 ("SET SESSION innodb_lock_wait_timeout = %s", (max(1, round(self.timeout)),)),
             ]
         )
-        if not await self.lock_politely(locker, lock, self.timeout / 2):
+        if locker.mariadb:
+            granted = await self.lock_politely(locker, lock, self.timeout / 2)
+        else:
+            granted = False
+            await self.wait_until_free(locker, original_mode, self.timeout / 2)
+        if not granted:
             await locker.execute(lock)  # a waiting request, bounded by lock_wait_timeout
         waited = await self.sentinel_round_trip(locker)
         await self.applier.flush(locker, force=True)
@@ -157,9 +162,6 @@ class CutOver:
         statements behind it nor make a transaction that read the table and
         now writes it a metadata-lock deadlock victim.
         """
-        if not connection.mariadb:
-            await trio.lowlevel.checkpoint()
-            return False  # MySQL's LOCK TABLES has no NOWAIT: only the waiting request
         deadline = trio.current_time() + seconds
         while True:
             try:
@@ -168,6 +170,39 @@ class CutOver:
             except DatabaseError as error:
                 if error.code != db.ER_LOCK_WAIT_TIMEOUT:
                     raise
+            if trio.current_time() >= deadline:
+                return False
+            await trio.sleep(0.002)
+
+    async def wait_until_free(self, connection: Connection, original_mode: str, seconds: float) -> bool:
+        """MySQL: until no other session holds a conflicting lock on the tables (bounded).
+
+        MySQL's ``LOCK TABLES`` has no ``NOWAIT``; instead the request is made
+        at a moment when ``performance_schema.metadata_locks`` shows the tables
+        free, so it is granted at once and is not pending while a transaction
+        that read ``t`` goes on to write it.  Left: a transaction that reads
+        ``t`` in the instant between that look and the request.  Without the
+        instrument (performance_schema off) it returns False at once.
+        """
+        tolerated = ("SHARED_READ", "SHARED_HIGH_PRIO", "SHARED", "SHARED_READ_ONLY") if original_mode == "READ" else ()
+        schema = self.spec.database
+        sql = (
+            "SELECT COUNT(*) FROM performance_schema.metadata_locks WHERE OBJECT_TYPE = 'TABLE' "
+            "AND OBJECT_SCHEMA = %s AND LOCK_STATUS = 'GRANTED' AND OWNER_THREAD_ID <> PS_CURRENT_THREAD_ID() "
+            "AND (OBJECT_NAME IN (%s, %s) OR (OBJECT_NAME = %s"
+            + (f" AND LOCK_TYPE NOT IN ({', '.join(['%s'] * len(tolerated))})" if tolerated else "")
+            + "))"
+        )
+        args = (schema, self.spec.ghost_table, self.spec.changelog_table, self.spec.table, *tolerated)
+        deadline = trio.current_time() + seconds
+        while True:
+            try:
+                rows = await connection.query(sql, args)
+            except DatabaseError as error:
+                log.info("cannot see metadata locks (%s); asking for the lock directly", error)
+                return False
+            if rows and int(rows[0][0]) == 0:
+                return True
             if trio.current_time() >= deadline:
                 return False
             await trio.sleep(0.002)

@@ -1,5 +1,6 @@
-"""Concurrent DML, cut-over under a conflicting lock, postpone, panic, kill -9 and resume,
-refusals, the instant path and the binlog key reader — on MySQL.
+"""Concurrent DML, cut-over under a conflicting lock, no deadlock victim at the cut-over,
+postpone, panic, kill -9 and resume, refusals, the instant path and the binlog key
+reader — on MySQL.
 
 MySQL's standalone cut-over renames inside the session that holds the write
 locks (``CutOver.attempt_atomic``); everything else is the same code as on
@@ -29,6 +30,9 @@ from tests.migrator.test_control import (  # noqa: F401
     test_panic_flag_cancels,
     test_postpone_flag_file,
     test_schema_version_drift,
+)
+from tests.migrator.test_cutover_quiet import (  # noqa: F401
+    test_a_transaction_that_read_the_table_is_not_a_deadlock_victim,
 )
 from tests.migrator.test_migration import (  # noqa: F401
     test_add_column_under_random_dml,
