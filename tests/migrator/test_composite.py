@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import pymysql
+import pytest
 import trio
 
 from migrator.checksum import Checksummer
@@ -153,6 +154,34 @@ async def test_checksum_sees_bytes_not_collations(primary: sandbox.Instance, dat
         assert await checksummer.compare_keys(connection, [(1,), (2,), (3,)]) != []
         primary.execute(f"USE `{database}`", "DELETE FROM _t_gho", "INSERT INTO _t_gho SELECT * FROM t")
         assert (await checksummer.compare_table([connection, await connect(connection.settings)])).mismatches == []
+
+
+@pytest.mark.parametrize("charsets", ["utf8mb4", "mixed"])
+async def test_checksum_without_casts_flags_or_a_last_length_still_parses_one_way(
+    primary: sandbox.Instance, database: str, charsets: str
+) -> None:
+    """NOT NULL columns carry no NULL flag, the last string no length; one charset, no casts."""
+    second = "latin1" if charsets == "mixed" else "utf8mb4"
+    primary.execute(
+        f"USE `{database}`",
+        "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(10) CHARACTER SET utf8mb4 NOT NULL, "
+        f"b VARCHAR(10) CHARACTER SET {second} NOT NULL, n INT NOT NULL, c CHAR(5) CHARACTER SET {second} NOT NULL)",
+        "CREATE TABLE _t_gho LIKE t",
+        "INSERT INTO t VALUES (1, 'a#', 'b', 1, 'z'), (2, 'q', '1#2', 3, 'z'), (3, 'ü', 'x', 5, 'a#b'), (4, 's', 't', 6, 'u')",
+        "INSERT INTO _t_gho VALUES (1, 'a', '#b', 1, 'z'), (2, 'q', '1', 2, '3#z'), (3, 'ü', 'x#a', 5, 'b'), (4, 's', 't', 6, 'u')",
+    )
+    async with await connect(make_spec(primary, database, "ADD COLUMN z INT").settings) as connection:
+        original = await read_table(connection, database, "t")
+        ghost = await read_table(connection, database, "_t_gho")
+        plan = plan_migration(make_spec(primary, database, "ADD COLUMN z INT"), original, ghost)
+        checksummer = Checksummer(plan, database, "t", "_t_gho")
+        assert ("CAST(" in checksummer.original_aggregate) == (charsets == "mixed")
+        assert "ISNULL" not in checksummer.original_aggregate
+        comparison = await checksummer.compare_table([connection])
+        assert comparison.rows == 4
+        assert await checksummer.differing_keys(connection, comparison.mismatches[0]) == [(1,), (2,), (3,)]
+        primary.execute(f"USE `{database}`", "DELETE FROM _t_gho", "INSERT INTO _t_gho SELECT * FROM t")
+        assert (await checksummer.compare_table([connection])).mismatches == []
 
 
 async def test_checksum_repairs_a_stray_row_and_refuses_a_broken_ghost(

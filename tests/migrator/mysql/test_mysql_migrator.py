@@ -21,6 +21,8 @@ from proxy import sandbox
 from tests.migrator.conftest import assert_same, create_pair, make_spec
 from tests.migrator.test_composite import (  # noqa: F401
     test_checksum_repairs_a_stray_row_and_refuses_a_broken_ghost,
+    test_checksum_sees_bytes_not_collations,
+    test_checksum_without_casts_flags_or_a_last_length_still_parses_one_way,
     test_composite_primary_key_under_dml,
     test_repeated_cut_overs_lose_nothing,
 )
