@@ -132,6 +132,7 @@ class BinlogStreamer:
         *,
         server_id: int,
         mariadb: bool = True,
+        ghost_table: str | None = None,
         reconnect_attempts: int = 10,
     ) -> None:
         self._settings = settings
@@ -150,6 +151,10 @@ class BinlogStreamer:
         self._ddl_pattern = re.compile(
             rf"^\s*(ALTER|DROP|RENAME|TRUNCATE)\b.*?(?<![\w$`])`?{name}`?(?![\w$])", re.I | re.S
         )
+        # our own ALTER of the ghost (deferred indexes) may name t in a key or column
+        self._ghost_alter = re.compile(
+            rf"^\s*ALTER\s+TABLE\s+(`?{re.escape(schema)}`?\s*\.\s*)?`?{re.escape(ghost_table)}`?(?![\w$])", re.I
+        ) if ghost_table else None
         self.events_read = 0
         self.last_event_time = 0.0
         #: read keys from the rows events' bytes where the types allow (``migrator.rowkeys``)
@@ -264,7 +269,8 @@ class BinlogStreamer:
                     if stripped == "BEGIN":
                         continue
                     ends = True
-                    if stripped != "COMMIT" and str(getattr(event, "schema", b"") or b"", ) and self._ddl_pattern.search(query):
+                    if stripped != "COMMIT" and str(getattr(event, "schema", b"") or b"", ) and self._ddl_pattern.search(query) \
+                            and not (self._ghost_alter is not None and self._ghost_alter.match(query)):
                         schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema)
                         if schema == self._schema or f"{self._schema}." in query or f"`{self._schema}`." in query:
                             item.ddl.append(query)

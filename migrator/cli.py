@@ -93,11 +93,14 @@ def migrate_parser() -> argparse.ArgumentParser:
     safety = parser.add_argument_group("safety")
     safety.add_argument("--attempt-instant-ddl", type=_bool, default=True, metavar="on|off")
     safety.add_argument("--checksum", type=_bool, default=True, metavar="on|off")
+    safety.add_argument("--defer-secondary-indexes", type=_bool, default=True, metavar="on|off",
+                        help="build the ghost's non-unique secondary indexes once after the copy instead "
+                             "of row by row during it (default on)")
     safety.add_argument("--checksum-workers", type=int, default=1,
                         help="sessions comparing ranges in the same snapshot (default 1)")
-    safety.add_argument("--checksum-behind-copy-interval", type=float, default=4.0, metavar="SECONDS",
+    safety.add_argument("--checksum-behind-copy-interval", type=float, default=0.5, metavar="SECONDS",
                         help="verify the ranges copied so far every SECONDS while the copy runs, so that "
-                             "only the last ranges are left after it (default 4; 0: all after the copy)")
+                             "only the last ranges are left after it (default 0.5; 0: all after the copy)")
     safety.add_argument("--approve-renamed-columns", action="store_true")
     safety.add_argument("--approve-lossy-changes", action="store_true")
     safety.add_argument("--drop-leftovers", action="store_true", help="drop leftover _<t>_gho/_ghc/_del tables")
@@ -157,6 +160,7 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
         default_retries=args.default_retries,
         exact_rowcount=args.exact_rowcount,
         attempt_instant_ddl=args.attempt_instant_ddl,
+        defer_secondary_indexes=args.defer_secondary_indexes,
         checksum=args.checksum,
         checksum_workers=args.checksum_workers,
         checksum_behind_copy_interval=args.checksum_behind_copy_interval,

@@ -550,6 +550,25 @@ def plan_migration(spec: MigrationSpec, original: TableSchema, ghost: TableSchem
     )
 
 
+_PLAIN_KEY_LINE = re.compile(r"^\s*(KEY `((?:[^`]|``)+)` \(.*?),?$")
+
+
+def plain_secondary_keys(create_table: str) -> list[tuple[str, str]]:
+    """``(name, definition)`` of each plain (non-unique, B-tree) secondary index.
+
+    Taken from ``SHOW CREATE TABLE`` as the server prints them (prefix
+    lengths, order, comments, IGNORED/INVISIBLE), so that adding a definition
+    back gives the same index.  UNIQUE keys are not plain: the ghost needs
+    them while rows arrive.  FULLTEXT and SPATIAL keys are not either.
+    """
+    keys: list[tuple[str, str]] = []
+    for line in create_table.splitlines():
+        match = _PLAIN_KEY_LINE.match(line)
+        if match:
+            keys.append((match.group(2).replace("``", "`"), match.group(1)))
+    return keys
+
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 

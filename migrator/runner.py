@@ -181,6 +181,8 @@ class Migration:
         self._heartbeat: _Heartbeat | None = None
         self._sizer: ChunkSizer | None = None
         self._behind: _BehindCopy | None = None
+        #: definitions of the ghost's secondary indexes built after the copy
+        self._deferred_indexes: list[str] = []
         self._chunks = 0
 
     # -- runtime control (from the embedding process or the CLI) --------------------
@@ -395,6 +397,14 @@ class Migration:
         except Refusal:
             await control.execute(f"DROP TABLE IF EXISTS {ghost}")
             raise
+        if spec.defer_secondary_indexes:
+            # Built once, sorted, after the copy (_build_deferred_indexes): inserting every
+            # copied row into each secondary B-tree at a random place costs more.
+            create = str((await control.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
+            keys = inspector.plain_secondary_keys(create)
+            if keys:
+                await control.execute(f"ALTER TABLE {ghost} " + ", ".join(f"DROP INDEX {quote(name)}" for name, _ in keys))
+            self._deferred_indexes = [definition for _, definition in keys]
         return ghost_schema, plan
 
     async def _run(self, control: Connection) -> Result:
@@ -436,6 +446,8 @@ class Migration:
             f"rows (estimate{'=exact' if spec.exact_rowcount else ''}): {rows_estimate}",
             "algorithm: " + ("INSTANT if the server can, else ghost copy" if spec.attempt_instant_ddl else "ghost copy"),
             *plan.describe(),
+            *(["secondary indexes built after the copy: " + ", ".join(self._deferred_indexes)]
+              if self._deferred_indexes else []),
             *self.hooks.describe(),
         ]
         if not spec.execute:
@@ -448,6 +460,7 @@ class Migration:
         for line in plan_lines:
             self._say(line)
         options = {k: v for k, v in vars(spec).items() if k not in ("connection", "replicas")}
+        options["deferred_indexes"] = self._deferred_indexes
         self._state = await MigrationState.create(control, spec.state_schema, spec.database, spec.table, spec.alter, options)
         await self._state.transition(Phase.VALIDATING)
         await self._state.save_estimate(rows_estimate)
@@ -518,6 +531,7 @@ class Migration:
         self._resumed = True
         self._progress.rows_estimate = state.record.rows_estimate
         self._rows_copied = state.record.checkpoint.rows_copied
+        self._deferred_indexes = [str(d) for d in state.record.options.get("deferred_indexes") or []]
         self._fire("startup")
         # A cut-over may have been interrupted: triggers and sentry go first.
         cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
@@ -560,6 +574,7 @@ class Migration:
         streamer = BinlogStreamer(
             spec.settings, spec.database, spec.table, spec.changelog_table, plan.key_columns,
             checkpoint.binlog_gtid or "", server_id=random.randrange(1 << 20, 1 << 31), mariadb=control.mariadb,
+            ghost_table=spec.ghost_table,
         )
         connections: list[Connection] = []
 
@@ -684,6 +699,7 @@ class Migration:
             await self._copy(writer, applier, cut)
             await state.transition(Phase.VERIFYING)
             self._fire("row_copy_complete")
+        await self._build_deferred_indexes(writer)
         async with trio.open_nursery() as background:
             background.start_soon(self._keep_applying, writer, applier)
             if checksummer is not None:
@@ -812,6 +828,28 @@ class Migration:
                     await self._checkpoint(cp.copy_watermark, cp.copy_upper, applier)
                 last_checkpoint = now
             await trio.sleep(0.01)
+
+    async def _build_deferred_indexes(self, writer: Connection) -> None:
+        """Add the secondary indexes left out of the ghost for the copy (those it lacks).
+
+        Online (``LOCK=NONE``): the server logs the binlog applier's writes
+        made meanwhile and applies them to the new index.  The applier waits
+        on the writer session for that long; its keys pile up and are applied
+        afterwards.  A resumed migration adds what an interruption left out.
+        """
+        if not self._deferred_indexes:
+            return
+        spec = self.spec
+        ghost = qualified(spec.database, spec.ghost_table)
+        create = str((await writer.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
+        present = {name for name, _ in inspector.plain_secondary_keys(create)}
+        missing = [d for d in self._deferred_indexes if _key_name(d) not in present]
+        if not missing:
+            return
+        started = time.monotonic()
+        await writer.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+        self._say(f"secondary indexes built: {', '.join(_key_name(d) for d in missing)} "
+                  f"in {time.monotonic() - started:.1f}s")
 
     async def _copy(self, writer: Connection, applier: Applier, cut: CutOver) -> None:
         """Keyset chunks toward ``--chunk-time``; pending binlog keys are applied before each chunk.
@@ -1024,6 +1062,12 @@ class Migration:
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:
         return [await checksummer.differing_keys(connection, mismatch) for mismatch in mismatches]
+
+
+def _key_name(definition: str) -> str:
+    """``KEY `a``b` (…)`` → ``a`b``."""
+    keys = inspector.plain_secondary_keys(definition)
+    return keys[0][0] if keys else definition
 
 
 class _BehindCopy:

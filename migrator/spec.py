@@ -119,6 +119,8 @@ class MigrationSpec:
     default_retries: int = 60
     exact_rowcount: bool = False
     attempt_instant_ddl: bool = True
+    #: build the ghost's plain secondary indexes after the copy (sorted, once) instead of row by row
+    defer_secondary_indexes: bool = True
     checksum: bool = True
     resume: bool = False
     old_table: OldTablePolicy = OldTablePolicy.KEEP
@@ -133,7 +135,7 @@ class MigrationSpec:
     checksum_workers: int = 1  # sessions comparing ranges in the same snapshot
     checksum_chunk_time: float = 0.25  # target seconds per compared range
     #: verify copied ranges behind the copy this often (seconds; 0: only after the copy)
-    checksum_behind_copy_interval: float = 4.0
+    checksum_behind_copy_interval: float = 0.5
     checksum_repair_rounds: int = 2  # re-sync + re-compare rounds for ranges hit by the commit-visibility race
     checksum_repair_limit: int = 1000  # more differing keys than this fails at once
     converge_keys: int = 500  # re-verify changed keys in fresh snapshots until at most this many are left

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -192,6 +192,8 @@ class MigrationRecord:
     checkpoint: Checkpoint
     rows_estimate: int
     message: str | None
+    #: the migration's options as recorded when it started
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class MigrationState:
@@ -230,7 +232,7 @@ class MigrationState:
             return int(cursor.lastrowid)
 
         migration_id = await connection.run(work)
-        record = MigrationRecord(migration_id, schema, table, alter, Phase.PENDING, Checkpoint(), 0, None)
+        record = MigrationRecord(migration_id, schema, table, alter, Phase.PENDING, Checkpoint(), 0, None, dict(options))
         return cls(connection, state_schema, record)
 
     @classmethod
@@ -238,17 +240,21 @@ class MigrationState:
         s = quote(state_schema)
         rows = await connection.query(
             f"SELECT id, alter_text, phase, copy_watermark, copy_upper, binlog_gtid, rows_copied, "
-            f"rows_estimate, message FROM {s}.migrations WHERE schema_name = %s AND table_name = %s "
+            f"rows_estimate, message, options FROM {s}.migrations WHERE schema_name = %s AND table_name = %s "
             "ORDER BY id DESC LIMIT 1",
             (schema, table),
         )
         if not rows:
             return None
-        mid, alter, phase, watermark, upper, gtid, copied, estimate, message = rows[0]
+        mid, alter, phase, watermark, upper, gtid, copied, estimate, message, options = rows[0]
+        try:
+            recorded = json.loads(options) if options else {}
+        except ValueError:
+            recorded = {}
         record = MigrationRecord(
             int(mid), schema, table, str(alter), Phase(str(phase)),
             Checkpoint(decode_key(watermark), decode_key(upper), gtid, int(copied)),
-            int(estimate), message,
+            int(estimate), message, recorded if isinstance(recorded, dict) else {},
         )
         return cls(connection, state_schema, record)
 

@@ -223,7 +223,7 @@ def make_spec(primary: sandbox.Instance, database: str, alter: str, table: str =
         "flag_poll_interval": 0.05,
         "cut_over_lock_timeout_seconds": 2,
         # verify behind the copy often, so the suite's concurrent-DML tests check that path
-        # (the CLI tests, with the 4 s default, check the after-the-copy path)
+        # (test_add_column_under_random_dml checks the after-the-copy path)
         "checksum_behind_copy_interval": 0.1,
     }
     defaults.update(options)
