@@ -188,7 +188,8 @@ class CutOver:
         schema = self.spec.database
         sql = (
             "SELECT COUNT(*) FROM performance_schema.metadata_locks WHERE OBJECT_TYPE = 'TABLE' "
-            "AND OBJECT_SCHEMA = %s AND LOCK_STATUS = 'GRANTED' AND OWNER_THREAD_ID <> PS_CURRENT_THREAD_ID() "
+            "AND OBJECT_SCHEMA = %s AND LOCK_STATUS = 'GRANTED' AND OWNER_THREAD_ID <> (SELECT THREAD_ID FROM "
+            "performance_schema.threads WHERE PROCESSLIST_ID = CONNECTION_ID()) "
             "AND (OBJECT_NAME IN (%s, %s) OR (OBJECT_NAME = %s"
             + (f" AND LOCK_TYPE NOT IN ({', '.join(['%s'] * len(tolerated))})" if tolerated else "")
             + "))"

@@ -159,16 +159,17 @@ async def server_facts(connection: Connection) -> ServerFacts:
     )
 
 
-#: The standalone cut-over renames under LOCK TABLES on MySQL (8.0.13 and later).
-MYSQL_MINIMUM = (8, 0, 13)
+#: MySQL 8.0.13 renames write-locked tables (the standalone cut-over); 8.0.17 has
+#: CAST(… AS DOUBLE) (the checksum of a FLOAT widened to DOUBLE).
+MYSQL_MINIMUM = (8, 0, 17)
 
 
 def check_binlog(facts: ServerFacts) -> None:
     if not facts.mariadb and version_tuple(facts.version) < MYSQL_MINIMUM:
         raise Refusal(
             "unsupported-server",
-            f"server {facts.version} is too old: MySQL 8.0.13 or later (RENAME TABLE under "
-            "LOCK TABLES, for the atomic cut-over) or MariaDB 10.6 or later is needed",
+            f"server {facts.version} is too old: MySQL 8.0.17 or later (RENAME TABLE under "
+            "LOCK TABLES for the atomic cut-over, CAST AS DOUBLE for the checksum) is needed",
         )
     if facts.read_only:
         raise Refusal("read-only", "the server is read_only; point --host/--dsn at the primary")

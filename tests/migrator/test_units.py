@@ -220,6 +220,7 @@ def _facts(**changes: Any) -> ServerFacts:
 
 @pytest.mark.parametrize(("changes", "reason"), [
     ({"version": "8.0.12-log"}, "unsupported-server"),
+    ({"version": "8.0.16"}, "unsupported-server"),
     ({"version": "5.7.44"}, "unsupported-server"),
     ({"gtid_mode": "OFF_PERMISSIVE"}, "gtid-mode"),
     ({"binlog_row_metadata": "MINIMAL"}, "binlog-row-metadata"),

@@ -1,4 +1,4 @@
-"""The migrator's tests again, against MySQL (8.0.13+; the sandbox brings 9.7 from Debian sid).
+"""The migrator's tests again, against MySQL (8.0.17+; the sandbox brings 9.7 from Debian sid).
 
 Every test module here imports test functions written for MariaDB; this
 ``primary`` makes them (and ``database``, ``workload_factory``, which ask for
