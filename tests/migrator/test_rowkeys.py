@@ -52,9 +52,10 @@ def row(rng: random.Random, a: int, b: int) -> tuple[Any, ...]:
     )
 
 
-async def keys_from_binlog(primary: sandbox.Instance, database: str, start: str, fast: bool) -> tuple[list[Any], Any]:
+async def keys_from_binlog(primary: sandbox.Instance, database: str, start: str, fast: bool,
+                           table: str = "w", key: tuple[str, ...] = ("a", "b")) -> tuple[list[Any], Any]:
     settings = ConnectionSettings(host=primary.host, port=primary.port, user=primary.user, password=primary.password)
-    streamer = BinlogStreamer(settings, database, "w", "marks", ["a", "b"], start,
+    streamer = BinlogStreamer(settings, database, table, "marks", list(key), start,
                               server_id=random.randrange(1 << 20, 1 << 30), mariadb=primary.flavor == "mariadb")
     streamer._fast_keys = fast
     keys: list[Any] = []
@@ -91,4 +92,49 @@ async def test_fast_keys_equal_mysql_replication_decoding(primary: sandbox.Insta
     slow, _ = await keys_from_binlog(primary, database, start, fast=False)
     assert cache is not None and cache[1] is not None  # the fast reader was used
     assert len(slow) > 500
+    assert fast == slow
+
+
+#: string keys of every kind the reader decodes, around the same wide columns
+STRING_KEYED = """
+CREATE TABLE s (
+  name VARCHAR(64) CHARACTER SET utf8mb4 NOT NULL, code CHAR(8) CHARACTER SET latin1 NOT NULL,
+  uid BINARY(16) NOT NULL, tag VARBINARY(300) NOT NULL, wide VARCHAR(300) CHARACTER SET utf8mb4 NOT NULL,
+  n INT NULL, txt TEXT NULL, d DECIMAL(12,3) NULL, dt DATETIME(6) NULL, blb BLOB NULL,
+  PRIMARY KEY (name, code, uid, tag, wide)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
+"""
+
+
+async def test_fast_string_keys_equal_mysql_replication_decoding(primary: sandbox.Instance, database: str) -> None:
+    primary.execute(f"USE `{database}`", STRING_KEYED, CHANGELOG)
+    start = str(primary.execute(gtid_position_sql(primary.flavor == "mariadb"))[0][0])
+    rng = random.Random(78)
+    names = ["plain", "naïve", "日本語", "emoji 🐬", "trailing  ", "", "Ωmega", "tab\tline"]
+
+    def key() -> tuple[Any, ...]:
+        return (rng.choice(names) + str(rng.randrange(50)), rng.choice(["a", "é", "x y", "", "ÿ"]) * rng.randrange(3),
+                rng.randbytes(14) + rng.choice([b"", b"\x00", b"\x00\x00", b" "]).ljust(2, b"\x00")[:2],
+                rng.randbytes(rng.randrange(300)), "w" * rng.randrange(300))
+
+    connection = primary.connect(database=database)
+    with connection.cursor() as cursor:
+        for _ in range(300):
+            cursor.execute("REPLACE INTO s VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                           (*key(), rng.randrange(10**6), "t" * rng.randrange(2000), "1.5",
+                            "2020-01-01 00:00:00.5", rng.randbytes(rng.randrange(3000))))
+        cursor.executemany("INSERT IGNORE INTO s (name, code, uid, tag, wide) VALUES (%s, %s, %s, %s, %s)",
+                           [key() for _ in range(40)])  # one multi-row event
+        cursor.execute("UPDATE s SET txt = REPEAT('u', 500) WHERE n % 3 = 0")
+        cursor.execute("UPDATE s SET name = CONCAT(name, '→') WHERE n % 5 = 0")  # key changes
+        cursor.execute("DELETE FROM s WHERE n % 7 = 1")
+        cursor.execute("INSERT INTO marks VALUES (1, 'done', 'x')")
+    connection.close()
+    fast, cache = await keys_from_binlog(primary, database, start, fast=True, table="s",
+                                         key=("name", "code", "uid", "tag", "wide"))
+    slow, _ = await keys_from_binlog(primary, database, start, fast=False, table="s",
+                                     key=("name", "code", "uid", "tag", "wide"))
+    assert cache is not None and cache[1] is not None  # the fast reader was used
+    assert len(slow) > 400
+    assert {type(v) for k, _ in slow for v in k} == {str, bytes}
     assert fast == slow

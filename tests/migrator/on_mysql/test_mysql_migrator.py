@@ -57,7 +57,10 @@ from tests.migrator.test_refusals import (  # noqa: F401
     test_triggers,
     test_widening_needs_no_approval,
 )
-from tests.migrator.test_rowkeys import test_fast_keys_equal_mysql_replication_decoding  # noqa: F401
+from tests.migrator.test_rowkeys import (  # noqa: F401
+    test_fast_keys_equal_mysql_replication_decoding,
+    test_fast_string_keys_equal_mysql_replication_decoding,
+)
 
 
 async def test_the_cut_over_renames_inside_the_write_lock(
