@@ -149,8 +149,9 @@ class Probe:
         def pct(p: float) -> float:
             return values[min(len(values) - 1, int(p * len(values)))] * 1000
 
+        slowest = max(inside, key=lambda s: s.seconds)
         return {"n": len(values), "p95": pct(0.95), "p99": pct(0.99), "max": values[-1] * 1000,
-                "errors": dict(errors)}
+                "max_at": slowest.started, "errors": dict(errors)}
 
 
 def describe(window: dict[str, object]) -> str:
@@ -314,6 +315,9 @@ def main() -> int:
     parser.add_argument("--no-mdl-instrument", dest="mdl_instrument", action="store_false",
                         help="leave performance_schema's metadata-lock instrument off (MariaDB's default)")
     parser.add_argument("--logs", type=Path, help="write each run's tool and sysbench output to this directory")
+    parser.add_argument("--server", choices=("mariadb", "mysql"), default="mariadb",
+                        help="the throwaway server: MariaDB 10.11 (default) or MySQL (the test sandbox's, "
+                             "Debian sid's 9.7 unless TIDEGATE_MYSQLD names another mysqld)")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in ("tidegate", "pt-osc")]
@@ -327,8 +331,18 @@ def main() -> int:
               "or run ./dev bench migration, which does", file=sys.stderr)
         return 2
     print(f"load average at start: {load_average()} on {os.cpu_count()} cores", flush=True)
-    with sandbox.running() as (primary, _):
+    if args.server == "mariadb":
+        sandbox.ensure_installed()
+    with sandbox.Sandbox() if args.server == "mariadb" else sandbox.MysqlSandbox() as box:
+        primary = box.start_primary()
         port = primary.port
+        (version,) = primary.execute("SELECT @@version")[0]
+        print(f"server: {version}", flush=True)
+        if args.server == "mysql":
+            # MySQL 9 has only caching_sha2_password: one full login (RSA, through pymysql and
+            # cryptography) puts root in the server's cache, so that sysbench's and pt-osc's
+            # clients, which cannot do the RSA exchange without TLS, log in the fast way.
+            pymysql.connect(host="127.0.0.1", port=port, user="root", password="root").close()
         primary.execute("CREATE DATABASE sbtest")
         if args.mdl_instrument:
             primary.execute("UPDATE performance_schema.setup_instruments SET ENABLED = 'YES', TIMED = 'YES' "
@@ -389,7 +403,10 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
         print(f"  sysbench during the run: {load.report(run.start, run.end)}; "
               f"error codes seen (±3 s): {load.error_codes() or 'none'}")
         print(f"  probe before  (3 s): {describe(probe.window(run.start - 3, run.start))}")
-        print(f"  probe whole run:     {describe(probe.window(run.start, run.end))}")
+        whole = probe.window(run.start, run.end)
+        slowest = whole.get("max_at")
+        print(f"  probe whole run:     {describe(whole)}"
+              + (f" (slowest at +{float(slowest) - run.start:.2f}s)" if isinstance(slowest, float) else ""))
         if run.copy_window:
             start, end = run.copy_window
             print(f"  probe copy ({end - start:5.1f}s): {describe(probe.window(start, end))}")
