@@ -248,18 +248,12 @@ class CutOver:
             return await self.attempt_atomic(locker, tracked_keys)
         await self.applier.pause()
         started = trio.current_time()
-        locked = held = renamed = False
+        locked = True  # a LOCK TABLES that failed holds nothing; UNLOCK is harmless
+        held = renamed = False
         try:
-            try:
-                await self.lock_and_catch_up(locker)
-                locked = True
-            except DatabaseError as error:
-                if error.code in (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK):
-                    return AttemptResult(Outcome.RETRY, f"lock not granted in {self.timeout:g}s ({error.code})")
-                raise
-            except trio.TooSlowError:
-                locked = True
-                return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
+            not_now = await self._lock_or_retry(locker)
+            if not_now is not None:
+                return not_now
             await self._check_delta(locker, tracked_keys)
 
             # 3. Hand t over to a lock on t alone.
@@ -323,16 +317,10 @@ class CutOver:
                 return AttemptResult(Outcome.RETRY, f"rename did not queue on the table alone or failed: {reason}")
             return AttemptResult(Outcome.DONE, hold_seconds=trio.current_time() - started)
         finally:
-            with trio.CancelScope(shield=True):
-                for connection, is_locked in ((locker, locked), (holder, held)):
-                    if is_locked:
-                        try:
-                            await connection.execute("UNLOCK TABLES")
-                        except DatabaseError:
-                            await connection.close()  # closing the session releases its locks
-                if not renamed:
-                    # After a rename the ghost is gone: the applier stays paused for good.
-                    self.applier.paused = False
+            await self._unlock(*([locker] if locked else []), *([holder] if held else []))
+            if not renamed:
+                # After a rename the ghost is gone: the applier stays paused for good.
+                self.applier.paused = False
 
     async def attempt_atomic(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> AttemptResult:
         """MySQL 8.0.13+: the rename runs inside the session that holds the write locks.
@@ -347,30 +335,40 @@ class CutOver:
         """
         await self.applier.pause()
         started = trio.current_time()
-        locked = renamed = False
+        renamed = False
         try:
-            try:
-                locked = True  # a LOCK TABLES that failed holds nothing; UNLOCK is harmless
-                await self.lock_and_catch_up(locker)
-            except DatabaseError as error:
-                if error.code in (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK):
-                    return AttemptResult(Outcome.RETRY, f"lock not granted in {self.timeout:g}s ({error.code})")
-                raise
-            except trio.TooSlowError:
-                return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
+            not_now = await self._lock_or_retry(locker)
+            if not_now is not None:
+                return not_now
             await self._check_delta(locker, tracked_keys)
             await locker.execute(f"RENAME TABLE {self.original} TO {self.sentry}, {self.ghost} TO {self.original}")
             renamed = True
             return AttemptResult(Outcome.DONE, hold_seconds=trio.current_time() - started)
         finally:
-            with trio.CancelScope(shield=True):
-                if locked:
-                    try:
-                        await locker.execute("UNLOCK TABLES")
-                    except DatabaseError:
-                        await locker.close()  # closing the session releases its locks
-                if not renamed:
-                    self.applier.paused = False
+            await self._unlock(locker)
+            if not renamed:
+                self.applier.paused = False
+
+    async def _lock_or_retry(self, locker: Connection) -> AttemptResult | None:
+        """Steps 1-2 (lock, sentinel, flush); a RETRY result when it cannot be done now."""
+        try:
+            await self.lock_and_catch_up(locker)
+        except DatabaseError as error:
+            if error.code in (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK):
+                return AttemptResult(Outcome.RETRY, f"lock not granted in {self.timeout:g}s ({error.code})")
+            raise
+        except trio.TooSlowError:
+            return AttemptResult(Outcome.RETRY, "sentinel did not come back through the binlog in time")
+        return None
+
+    @staticmethod
+    async def _unlock(*connections: Connection) -> None:
+        with trio.CancelScope(shield=True):
+            for connection in connections:
+                try:
+                    await connection.execute("UNLOCK TABLES")
+                except DatabaseError:
+                    await connection.close()  # closing the session releases its locks
 
     async def _check_delta(self, locker: Connection, tracked_keys: set[tuple[object, ...]] | None) -> None:
         """Exact under the lock: every key changed since the checksum snapshot."""

@@ -116,6 +116,19 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+#: server options both sandboxes use (MariaDB and MySQL)
+SERVER_OPTIONS: tuple[str, ...] = (
+    "--innodb-buffer-pool-size=256M",
+    "--innodb-flush-log-at-trx-commit=2",
+    "--sync-binlog=0",
+    "--max-connections=1000",
+    "--max-allowed-packet=256M",
+    "--local-infile=1",
+    "--performance-schema=ON",
+    "--lock-wait-timeout=60",
+)
+
+
 class SandboxError(RuntimeError):
     """The throwaway server could not be installed, started or stopped."""
 
@@ -301,6 +314,14 @@ class Sandbox:
             self._owns_base = True
         self.base.mkdir(parents=True, exist_ok=True)
 
+    def _tls_options(self, tls: bool, off: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """TLS is opt-in: pymysql prefers TLS whenever a server offers it, which
+        would tax every direct connection in tests and benchmarks."""
+        if not tls:
+            return off
+        ca, certificate, key = self.tls_files()
+        return (f"--ssl-ca={ca}", f"--ssl-cert={certificate}", f"--ssl-key={key}")
+
     def tls_files(self) -> tuple[Path, Path, Path]:
         """(CA, certificate, key) for localhost, made once per sandbox."""
         if self.certificates is None:
@@ -392,26 +413,9 @@ class Sandbox:
             "--skip-name-resolve",
             "--character-set-server=utf8mb4",
             "--collation-server=utf8mb4_general_ci",
-            "--innodb-buffer-pool-size=256M",
             "--innodb-log-file-size=256M",
-            "--innodb-flush-log-at-trx-commit=2",
-            "--sync-binlog=0",
-            "--max-connections=1000",
-            "--max-allowed-packet=256M",
-            "--local-infile=1",
-            "--performance-schema=ON",
-            "--lock-wait-timeout=60",
-            # TLS is opt-in: pymysql prefers TLS whenever a server offers it,
-            # which would tax every direct connection in tests and benchmarks.
-            *(
-                (
-                    f"--ssl-ca={self.tls_files()[0]}",
-                    f"--ssl-cert={self.tls_files()[1]}",
-                    f"--ssl-key={self.tls_files()[2]}",
-                )
-                if tls
-                else ()
-            ),
+            *SERVER_OPTIONS,
+            *self._tls_options(tls),
             *options,
         ]
         if os.geteuid() == 0:
@@ -583,31 +587,16 @@ class MysqlSandbox(Sandbox):
             "--skip-name-resolve",
             "--character-set-server=utf8mb4",
             "--collation-server=utf8mb4_0900_ai_ci",
-            "--innodb-buffer-pool-size=256M",
             # redo at least as large as the MariaDB sandbox's 256M log (MySQL's default is 100M),
             # so the two servers compare on equal terms in the migration benchmark
             ("--innodb-redo-log-capacity=512M" if dist.version_tuple >= (8, 0, 30)
              else "--innodb-log-file-size=256M"),
-            "--innodb-flush-log-at-trx-commit=2",
-            "--sync-binlog=0",
-            "--max-connections=1000",
-            "--max-allowed-packet=256M",
-            "--local-infile=1",
             "--secure-file-priv=",  # MariaDB's default: no restriction (the built-in dir does not exist here)
-            "--performance-schema=ON",
-            "--lock-wait-timeout=60",
-            # TLS is opt-in like on MariaDB: MySQL would otherwise offer TLS with
-            # certificates it makes itself.  caching_sha2_password still works
-            # without it (RSA key exchange, which pymysql does with cryptography).
-            *(
-                (
-                    f"--ssl-ca={self.tls_files()[0]}",
-                    f"--ssl-cert={self.tls_files()[1]}",
-                    f"--ssl-key={self.tls_files()[2]}",
-                )
-                if tls
-                else ("--tls-version=",)
-            ),
+            *SERVER_OPTIONS,
+            # MySQL would otherwise offer TLS with certificates it makes itself.
+            # caching_sha2_password still works without it (RSA key exchange,
+            # which pymysql does with cryptography).
+            *self._tls_options(tls, off=("--tls-version=",)),
             *options,
         )
         if os.geteuid() == 0:

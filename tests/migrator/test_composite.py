@@ -133,6 +133,14 @@ async def test_repeated_cut_overs_lose_nothing(primary: sandbox.Instance, databa
 # -- the checksum -------------------------------------------------------------------------------
 
 
+async def checksummer_of_t(connection: Any, primary: sandbox.Instance, database: str) -> Checksummer:
+    """The checksum of ``t`` against ``_t_gho`` (both made by the test)."""
+    original = await read_table(connection, database, "t")
+    ghost = await read_table(connection, database, "_t_gho")
+    plan = plan_migration(make_spec(primary, database, "ADD COLUMN z INT"), original, ghost)
+    return Checksummer(plan, database, "t", "_t_gho")
+
+
 async def test_checksum_sees_bytes_not_collations(primary: sandbox.Instance, database: str) -> None:
     """pt-osc's silent ENUM-label loss and separator games must not compare equal."""
     primary.execute(
@@ -144,10 +152,7 @@ async def test_checksum_sees_bytes_not_collations(primary: sandbox.Instance, dat
         "INSERT INTO _t_gho VALUES (1, 'a', 'b#c', 'çé', NULL), (2, 'x', 'y', '', 7), (3, 'e', NULL, 'alpha', 1)",
     )
     async with await connect(make_spec(primary, database, "ADD COLUMN z INT").settings) as connection:
-        original = await read_table(connection, database, "t")
-        ghost = await read_table(connection, database, "_t_gho")
-        plan = plan_migration(make_spec(primary, database, "ADD COLUMN z INT"), original, ghost)
-        checksummer = Checksummer(plan, database, "t", "_t_gho")
+        checksummer = await checksummer_of_t(connection, primary, database)
         comparison = await checksummer.compare_table([connection])
         assert len(comparison.mismatches) == 1 and comparison.rows == 3
         assert await checksummer.differing_keys(connection, comparison.mismatches[0]) == [(1,), (2,), (3,)]
@@ -171,10 +176,7 @@ async def test_checksum_without_casts_flags_or_a_last_length_still_parses_one_wa
         "INSERT INTO _t_gho VALUES (1, 'a', '#b', 1, 'z'), (2, 'q', '1', 2, '3#z'), (3, 'ü', 'x#a', 5, 'b'), (4, 's', 't', 6, 'u')",
     )
     async with await connect(make_spec(primary, database, "ADD COLUMN z INT").settings) as connection:
-        original = await read_table(connection, database, "t")
-        ghost = await read_table(connection, database, "_t_gho")
-        plan = plan_migration(make_spec(primary, database, "ADD COLUMN z INT"), original, ghost)
-        checksummer = Checksummer(plan, database, "t", "_t_gho")
+        checksummer = await checksummer_of_t(connection, primary, database)
         assert ("CAST(" in checksummer.original_aggregate) == (charsets == "mixed")
         assert "ISNULL" not in checksummer.original_aggregate
         comparison = await checksummer.compare_table([connection])
