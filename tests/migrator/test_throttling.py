@@ -116,7 +116,7 @@ async def test_replica_lag_pauses_the_copy(
         await wait_phase(primary, database, {"copying"})
         await trio.sleep(0.5)
         assert migration.progress().rows_copied == 0
-        replica.execute("STOP SLAVE SQL_THREAD")
+        replica.execute("STOP REPLICA SQL_THREAD")  # MariaDB 10.5+ and MySQL 8.0.22+
         try:
             await trio.sleep(1.0)  # our heartbeat on the replica grows older than 400 ms
             flag.unlink()
@@ -125,7 +125,7 @@ async def test_replica_lag_pauses_the_copy(
             assert progress.throttle_reason is not None and "replica lag" in progress.throttle_reason
             assert progress.rows_copied == 0
         finally:
-            replica.execute("START SLAVE SQL_THREAD")
+            replica.execute("START REPLICA SQL_THREAD")
         with trio.fail_after(60):
             while migration.progress().rows_copied == 0:
                 await trio.sleep(0.05)

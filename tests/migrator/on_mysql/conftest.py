@@ -15,3 +15,8 @@ from proxy import sandbox
 @pytest.fixture(scope="session")
 def primary(mysql_primary: sandbox.Instance) -> sandbox.Instance:
     return mysql_primary
+
+
+@pytest.fixture(scope="session")
+def replica(mysql_sandbox: sandbox.MysqlSandbox, mysql_primary: sandbox.Instance) -> sandbox.Instance:
+    return mysql_sandbox.start_replica(mysql_primary)

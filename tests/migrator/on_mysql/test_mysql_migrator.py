@@ -1,6 +1,6 @@
 """Concurrent DML, cut-over under a conflicting lock, no deadlock victim at the cut-over,
-postpone, panic, kill -9 and resume, refusals, the instant path and the binlog key
-reader — on MySQL.
+postpone, panic, kill -9 and resume, refusals, the instant path, throttling on load
+and on a replica's lag, and the binlog key reader — on MySQL.
 
 MySQL's standalone cut-over renames inside the session that holds the write
 locks (``CutOver.attempt_atomic``); everything else is the same code as on
@@ -60,6 +60,11 @@ from tests.migrator.test_refusals import (  # noqa: F401
 from tests.migrator.test_rowkeys import (  # noqa: F401
     test_fast_keys_equal_mysql_replication_decoding,
     test_fast_string_keys_equal_mysql_replication_decoding,
+)
+from tests.migrator.test_throttling import (  # noqa: F401
+    test_critical_load_aborts_and_leaves_the_original_alone,
+    test_max_load_pauses_the_copy_until_the_load_drops,
+    test_replica_lag_pauses_the_copy,
 )
 
 
