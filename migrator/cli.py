@@ -73,6 +73,8 @@ def migrate_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--chunk-size", type=int, default=1000, help="starting rows per chunk (default 1000)")
     tuning.add_argument("--chunk-time", type=float, default=0.1, help="target seconds per chunk (default 0.1)")
     tuning.add_argument("--max-chunk-size", type=int, default=100_000, help="largest chunk in rows (default 100000)")
+    tuning.add_argument("--copy-sessions", type=int, default=1,
+                        help="sessions copying consecutive chunks at once (default 1)")
     tuning.add_argument("--exact-rowcount", action="store_true", help="COUNT(*) for the estimate")
     tuning.add_argument("--default-retries", type=int, default=60)
     throttle = parser.add_argument_group("throttling")
@@ -163,6 +165,7 @@ def spec_from_args(args: argparse.Namespace) -> MigrationSpec:
         defer_secondary_indexes=args.defer_secondary_indexes,
         checksum=args.checksum,
         checksum_workers=args.checksum_workers,
+        copy_sessions=args.copy_sessions,
         checksum_behind_copy_interval=args.checksum_behind_copy_interval,
         resume=args.resume,
         old_table=OldTablePolicy(args.old_table),

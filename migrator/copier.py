@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from migrator.applier import copy_select
 from migrator.chunker import KeyValues, compare, compare_args
-from migrator.db import Connection, qualified, quote
+from migrator.db import Connection, DatabaseError, qualified, quote
 from migrator.inspector import Plan
 
 
@@ -67,3 +69,62 @@ class ChunkCopier:
             return ChunkResult(high, rows, time.monotonic() - started)
 
         return await writer.run(work)
+
+    async def copy_chunks(
+        self, writers: list[Connection], low: KeyValues | None, upper: KeyValues, size: int
+    ) -> list[ChunkResult]:
+        """Up to ``len(writers)`` consecutive chunks of ``size`` rows, copied at once, one per session.
+
+        The boundaries are found first, in key order, on the first session;
+        then each chunk's ``REPLACE … SELECT`` runs on its own session.  The
+        caller applies no binlog keys while they run, so no chunk can
+        overwrite a fresher row the applier wrote (both sides stay state based).
+        """
+        if len(writers) == 1:
+            return [await self.copy_chunk(writers[0], low, upper, size)]
+        offset = max(0, size - 1)
+
+        def bounds(cursor: Any) -> list[tuple[KeyValues, bool]]:
+            found: list[tuple[KeyValues, bool]] = []
+            current = low
+            for _ in writers:
+                where = self._where(current)
+                cursor.execute(
+                    f"SELECT {self._key_list} FROM {self._original} {self._force} WHERE {where} "
+                    f"ORDER BY {self._key_list} LIMIT 1 OFFSET {offset}",
+                    [*(compare_args(current) if current is not None else []), *compare_args(upper)],
+                )
+                rows = cursor.fetchall()
+                high = tuple(rows[0]) if rows else upper
+                found.append((high, bool(rows)))
+                current = high
+                if not rows or high == upper:
+                    break
+            return found
+
+        chunks = await writers[0].run(bounds)
+        results: list[ChunkResult | None] = [None] * len(chunks)
+
+        async def copy(index: int) -> None:
+            chunk_low = low if index == 0 else chunks[index - 1][0]
+            high, full = chunks[index]
+            where = self._where(chunk_low)
+            args = [*(compare_args(chunk_low) if chunk_low is not None else []), *compare_args(high)]
+
+            def work(cursor: Any) -> ChunkResult:
+                started = time.monotonic()
+                affected = int(cursor.execute(f"{self._replace} {self._force} WHERE {where}", args))
+                return ChunkResult(high, size if full else min(affected, size), time.monotonic() - started)
+
+            try:
+                results[index] = await writers[index].run(work)
+            except DatabaseError as error:  # the others finish; the caller retries them all
+                errors.append(error)
+
+        errors: list[DatabaseError] = []
+        async with trio.open_nursery() as nursery:
+            for index in range(len(chunks)):
+                nursery.start_soon(copy, index)
+        if errors:
+            raise errors[0]
+        return [r for r in results if r is not None]

@@ -183,6 +183,7 @@ class Migration:
         self._behind: _BehindCopy | None = None
         #: definitions of the ghost's secondary indexes built after the copy
         self._deferred_indexes: list[str] = []
+        self._copy_writers: list[Connection] = []
         self._chunks = 0
 
     # -- runtime control (from the embedding process or the CLI) --------------------
@@ -585,6 +586,8 @@ class Migration:
 
         try:
             writer = await open_connection()
+            # more sessions copy consecutive chunks at once (--copy-sessions)
+            self._copy_writers = [writer, *[await open_connection() for _ in range(spec.copy_sessions - 1)]]
             heartbeat_connection = await open_connection(spec.settings)
             throttle_connection = await open_connection(spec.settings)
             replicas = [await open_connection(r.with_database(spec.database)) for r in spec.replicas]
@@ -896,15 +899,16 @@ class Migration:
             size = sizer.size
             low = watermark
 
-            async def chunk(low: Any = low, size: int = size) -> ChunkResult:
+            async def chunks(low: Any = low, size: int = size) -> list[ChunkResult]:
                 assert upper is not None
-                return await copier.copy_chunk(writer, low, upper, size)
+                return await copier.copy_chunks(self._copy_writers or [writer], low, upper, size)
 
-            result = await db.with_retries(chunk, retries=spec.default_retries, what="copy chunk")
-            sizer.record(result.rows, result.seconds)
-            self._rows_copied += result.rows
-            self._chunks += 1
-            watermark = result.high
+            results = await db.with_retries(chunks, retries=spec.default_retries, what="copy chunk")
+            for result in results:
+                sizer.record(result.rows, result.seconds)
+                self._rows_copied += result.rows
+                self._chunks += 1
+            watermark = results[-1].high
             now = trio.current_time()
             if now - last_checkpoint >= spec.checkpoint_interval:
                 await self._checkpoint(watermark, upper, applier)

@@ -133,6 +133,7 @@ class MigrationSpec:
     flag_poll_interval: float = 0.25
     checkpoint_interval: float = 1.0  # seconds between copy checkpoints (a resume re-copies at most this)
     checksum_workers: int = 1  # sessions comparing ranges in the same snapshot
+    copy_sessions: int = 1  # sessions copying consecutive chunks at once
     checksum_chunk_time: float = 0.25  # target seconds per compared range
     #: verify copied ranges behind the copy this often (seconds; 0: only after the copy)
     checksum_behind_copy_interval: float = 0.5
@@ -155,6 +156,8 @@ class MigrationSpec:
             raise SpecError("--chunk-time must be positive")
         if self.cut_over_lock_timeout_seconds <= 0:
             raise SpecError("--cut-over-lock-timeout-seconds must be positive")
+        if self.copy_sessions < 1 or self.copy_sessions > 8:
+            raise SpecError("--copy-sessions must be between 1 and 8")
         if self.checksum_workers < 1 or self.checksum_workers > 16:
             raise SpecError("--checksum-workers must be between 1 and 16")
         if self.checksum_behind_copy_interval < 0:

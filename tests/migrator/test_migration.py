@@ -103,3 +103,20 @@ async def test_secondary_indexes_built_after_the_copy_give_the_exact_definition(
     assert show_create(primary, database, "t") == expected
     assert workload.unexpected == []
     assert_same(primary, database, columns=COLUMNS)
+
+
+async def test_two_copy_sessions_under_random_dml(primary: sandbox.Instance, database: str, workload_factory) -> None:
+    """Consecutive chunks copied at once on two sessions; the applier runs between pairs only."""
+    create_pair(primary, database, rows=5000, seed=23)
+    workload = workload_factory(database, key_space=16000, threads=2, rate=150)
+    workload.start()
+    lines: list[str] = []
+    spec = make_spec(primary, database, "ADD COLUMN extra INT NULL", copy_sessions=2,
+                     chunk_size=100, min_chunk_size=50, max_chunk_size=100)
+    result = await Migration(spec, output=lines.append).run()
+    await trio.to_thread.run_sync(workload.finish)
+    assert result.phase == Phase.COMPLETE
+    copied = next(line for line in lines if line.startswith("copy done"))
+    assert int(re.search(r"in (\d+) chunks", copied).group(1)) >= 50  # type: ignore[union-attr]
+    assert workload.unexpected == []
+    assert_same(primary, database, columns=COLUMNS)

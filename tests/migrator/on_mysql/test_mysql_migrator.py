@@ -40,6 +40,7 @@ from tests.migrator.test_migration import (  # noqa: F401
     test_add_column_under_random_dml,
     test_checksum_behind_the_copy_under_random_dml,
     test_secondary_indexes_built_after_the_copy_give_the_exact_definition,
+    test_two_copy_sessions_under_random_dml,
 )
 from tests.migrator.test_refusals import (  # noqa: F401
     test_binlog_row_metadata,
