@@ -462,10 +462,32 @@ class Relay:
                 if "sequence" in str(error)
                 else ErrorCode.HANDSHAKE_ERROR
             )
-            await self._send_error(code, f"tidegate: malformed packet: {error}", 0)
+            # the reply to the client's packet: a command is sequence 0 (reply 1),
+            # the handshake response 1 (reply 2); a client reads sequence 0 as "server lost"
+            await self._send_error(code, f"tidegate: malformed packet: {error}", 1 if self.authenticated else 2)
+            await self._drain_client()
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
+
+    async def _drain_client(self, seconds: float = 1.0, limit: int = 64 << 20) -> None:
+        """Read and drop what the client is still sending before the close.
+
+        After a protocol error (an oversized packet, most often) the client may
+        still be writing the rest of it; a socket closed with unread data is
+        reset, and the client would see a broken pipe (2006) instead of the
+        error just sent.  Bounded in time and bytes.
+        """
+        received = 0
+        with trio.move_on_after(seconds):
+            while received < limit:
+                try:
+                    data = await self.client.receive_some()
+                except ConnectionClosed:
+                    return
+                if not data:
+                    return
+                received += len(data)
 
     async def _close(self) -> None:
         if self.replica is not None:

@@ -144,7 +144,7 @@ def test_packet_over_max_allowed_packet_is_1153(limited: RunningProxy) -> None:
     with pytest.raises(pymysql.err.OperationalError) as info:
         with connection.cursor() as cursor:
             cursor.execute("SELECT %s", ("x" * 2_000_000,))
-    assert info.value.args[0] in (1153, 2013)
+    assert info.value.args[0] == 1153, info.value.args  # the proxy drains the rest before it closes
     other = connect(limited)
     with other.cursor() as cursor:
         cursor.execute("SELECT 2")
