@@ -79,6 +79,8 @@ class Progress:
     cut_over_attempts: int = 0
     elapsed_seconds: float = 0.0
     message: str = ""
+    #: a long step besides copying, e.g. "building secondary indexes k_1 for 40s"
+    activity: str | None = None
 
     def line(self) -> str:
         estimate = max(self.rows_estimate, self.rows_copied)
@@ -94,6 +96,8 @@ class Progress:
             f"eta {eta}",
             f"elapsed {self.elapsed_seconds:.1f}s",
         ]
+        if self.activity:
+            parts.append(self.activity)
         if self.throttle_reason:
             parts.append(f"throttled: {self.throttle_reason}")
         if self.postponed:
@@ -184,6 +188,7 @@ class Migration:
         #: definitions of the ghost's secondary indexes built after the copy
         self._deferred_indexes: list[str] = []
         self._copy_writers: list[Connection] = []
+        self._activity: tuple[str, float] | None = None  # (what, since): shown in the status line
         self._chunks = 0
 
     # -- runtime control (from the embedding process or the CLI) --------------------
@@ -208,6 +213,8 @@ class Migration:
         p.postponed = self._postponed() or self._vetoed is not None
         p.postponed_by = self._vetoed
         p.chunk_size = self._sizer.size if self._sizer else 0
+        p.activity = (f"{self._activity[0]} for {time.monotonic() - self._activity[1]:.0f}s"
+                      if self._activity is not None else None)
         return p
 
     def throttle(self, reason: str | None) -> None:
@@ -850,7 +857,11 @@ class Migration:
         if not missing:
             return
         started = time.monotonic()
-        await writer.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+        self._activity = ("building secondary indexes " + ", ".join(_key_name(d) for d in missing), started)
+        try:
+            await writer.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+        finally:
+            self._activity = None
         self._say(f"secondary indexes built: {', '.join(_key_name(d) for d in missing)} "
                   f"in {time.monotonic() - started:.1f}s")
 

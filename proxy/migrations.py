@@ -574,7 +574,8 @@ class MigrationService:
             "chunk_size": getattr(progress, "chunk_size", 0),
             "last_refusal": running.gate.last_refusal,
             "drain_timeouts": getattr(running.drain_timeouts, "refusals", 0),
-            "last_line": lines[-1] if lines else "",
+            # a long step (the index build after the copy) says so while it runs
+            "last_line": getattr(progress, "activity", None) or (lines[-1] if lines else ""),
         }
         lifecycle = running.lifecycle
         if lifecycle is not None:

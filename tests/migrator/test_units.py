@@ -258,3 +258,12 @@ def test_mariadb_position_keeps_the_last_gtid_per_domain() -> None:
     position.add("0-1-6")
     position.add("2-1-1")
     assert str(position) == "0-1-6,1-2-3,2-1-1"
+
+
+def test_status_line_names_a_long_step() -> None:
+    from migrator.runner import Progress
+
+    line = Progress(phase="verifying", rows_copied=10, rows_estimate=10,
+                    activity="building secondary indexes k_1 for 40s").line()
+    assert line.startswith("[verifying]") and "building secondary indexes k_1 for 40s" in line
+    assert "building" not in Progress(phase="copying").line()
