@@ -201,6 +201,10 @@ class BinlogStreamer:
         return connection
 
     def _send(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any, item: BinlogItem) -> None:
+        # The position only moves at a transaction's end, so here it is the one after the
+        # item's last complete transaction; formatted once per item, not per transaction.
+        if item.transactions:
+            item.gtid = str(self._position)
         trio.from_thread.run(send_channel.send, item, trio_token=token)
 
     def _thread_main(self, send_channel: trio.MemorySendChannel[BinlogItem], token: Any) -> None:
@@ -276,7 +280,6 @@ class BinlogStreamer:
                             item.ddl.append(query)
                 if ends and current is not None:
                     self._position.add(current)
-                    item.gtid = str(self._position)
                     item.transactions += 1
                     current = None
                     now = time.monotonic()

@@ -48,22 +48,28 @@ class ChunkCopier:
     def _where(self, low: KeyValues | None) -> str:
         return f"{self._lower_clause if low is not None else 'TRUE'} AND {self._upper_clause}"
 
+    def _range_args(self, low: KeyValues | None, high: KeyValues) -> list[Any]:
+        return [*(compare_args(low) if low is not None else []), *compare_args(high)]
+
+    def _boundary_sql(self, low: KeyValues | None, size: int) -> str:
+        """The key ``size`` rows after ``low`` (its parameters: :meth:`_range_args` up to the upper bound)."""
+        return (f"SELECT {self._key_list} FROM {self._original} {self._force} WHERE {self._where(low)} "
+                f"ORDER BY {self._key_list} LIMIT 1 OFFSET {max(0, size - 1)}")
+
+    def _copy_sql(self, low: KeyValues | None) -> str:
+        return f"{self._replace} {self._force} WHERE {self._where(low)}"
+
     async def copy_chunk(self, writer: Connection, low: KeyValues | None, upper: KeyValues, size: int) -> ChunkResult:
         """Copy up to ``size`` rows after ``low`` (exclusive), never past ``upper``."""
-        where = self._where(low)
-        lower_args = compare_args(low) if low is not None else []
-        boundary_sql = (
-            f"SELECT {self._key_list} FROM {self._original} {self._force} WHERE {where} "
-            f"ORDER BY {self._key_list} LIMIT 1 OFFSET {max(0, size - 1)}"
-        )
-        copy_sql = f"{self._replace} {self._force} WHERE {where}"
+        boundary_sql = self._boundary_sql(low, size)
+        copy_sql = self._copy_sql(low)
 
         def work(cursor: Any) -> ChunkResult:
             started = time.monotonic()
-            cursor.execute(boundary_sql, [*lower_args, *compare_args(upper)])
+            cursor.execute(boundary_sql, self._range_args(low, upper))
             found = cursor.fetchall()
             high = tuple(found[0]) if found else upper
-            affected = int(cursor.execute(copy_sql, [*lower_args, *compare_args(high)]))
+            affected = int(cursor.execute(copy_sql, self._range_args(low, high)))
             # REPLACE counts a replaced row twice; with a boundary the chunk holds exactly `size` rows.
             rows = size if found else min(affected, size)
             return ChunkResult(high, rows, time.monotonic() - started)
@@ -82,18 +88,12 @@ class ChunkCopier:
         """
         if len(writers) == 1:
             return [await self.copy_chunk(writers[0], low, upper, size)]
-        offset = max(0, size - 1)
 
         def bounds(cursor: Any) -> list[tuple[KeyValues, bool]]:
             found: list[tuple[KeyValues, bool]] = []
             current = low
             for _ in writers:
-                where = self._where(current)
-                cursor.execute(
-                    f"SELECT {self._key_list} FROM {self._original} {self._force} WHERE {where} "
-                    f"ORDER BY {self._key_list} LIMIT 1 OFFSET {offset}",
-                    [*(compare_args(current) if current is not None else []), *compare_args(upper)],
-                )
+                cursor.execute(self._boundary_sql(current, size), self._range_args(current, upper))
                 rows = cursor.fetchall()
                 high = tuple(rows[0]) if rows else upper
                 found.append((high, bool(rows)))
@@ -108,12 +108,11 @@ class ChunkCopier:
         async def copy(index: int) -> None:
             chunk_low = low if index == 0 else chunks[index - 1][0]
             high, full = chunks[index]
-            where = self._where(chunk_low)
-            args = [*(compare_args(chunk_low) if chunk_low is not None else []), *compare_args(high)]
+            sql, args = self._copy_sql(chunk_low), self._range_args(chunk_low, high)
 
             def work(cursor: Any) -> ChunkResult:
                 started = time.monotonic()
-                affected = int(cursor.execute(f"{self._replace} {self._force} WHERE {where}", args))
+                affected = int(cursor.execute(sql, args))
                 return ChunkResult(high, size if full else min(affected, size), time.monotonic() - started)
 
             try:

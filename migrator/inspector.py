@@ -13,7 +13,7 @@ from typing import Any
 
 import pymysql
 
-from migrator.db import Connection, qualified, version_tuple
+from migrator.db import Connection, gtid_position_sql, is_mariadb, qualified, version_tuple
 from migrator.spec import MigrationSpec
 
 
@@ -140,11 +140,10 @@ async def server_facts(connection: Connection) -> ServerFacts:
         "@@binlog_row_metadata, @@server_id, @@read_only"
     )
     version, log_bin, binlog_format, row_image, metadata, server_id, read_only = rows[0]
-    mariadb = "mariadb" in str(version).lower()
-    if mariadb:  # every MariaDB transaction has a GTID
-        gtid, gtid_mode = (await connection.query("SELECT @@gtid_binlog_pos"))[0][0], "ON"
-    else:
-        gtid, gtid_mode = (await connection.query("SELECT @@GLOBAL.gtid_executed, @@GLOBAL.gtid_mode"))[0]
+    mariadb = is_mariadb(str(version))
+    (gtid,) = (await connection.query(gtid_position_sql(mariadb)))[0]
+    # every MariaDB transaction has a GTID; MySQL may run without them
+    gtid_mode = "ON" if mariadb else (await connection.query("SELECT @@GLOBAL.gtid_mode"))[0][0]
     return ServerFacts(
         version=str(version),
         mariadb=mariadb,

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -395,23 +394,28 @@ class Sandbox:
     def _server_environment(self) -> dict[str, str] | None:
         return None
 
-    def _server_command(self, instance: Instance, options: tuple[str, ...], tls: bool) -> list[str]:
+    def _instance_options(self, instance: Instance) -> tuple[str, ...]:
+        """Where this instance keeps its files and listens: the same for both servers."""
         directory = instance.directory
-        server_id = instance.server_id
-        command = [
-            find_binary("mariadbd") or "mariadbd",
-            "--no-defaults",
+        return (
             f"--datadir={instance.datadir}",
             # its own temporary files: nothing shared with other servers in /tmp
             f"--tmpdir={directory / 'tmp'}",
             f"--port={instance.port}",
             "--bind-address=127.0.0.1",
             f"--socket={instance.socket_path}",
-            f"--pid-file={directory / 'mariadbd.pid'}",
+            f"--pid-file={directory / f'{self.server_name}.pid'}",
             f"--log-error={instance.log_path}",
-            f"--server-id={server_id}",
+            f"--server-id={instance.server_id}",
             "--skip-name-resolve",
             "--character-set-server=utf8mb4",
+        )
+
+    def _server_command(self, instance: Instance, options: tuple[str, ...], tls: bool) -> list[str]:
+        command = [
+            find_binary("mariadbd") or "mariadbd",
+            "--no-defaults",
+            *self._instance_options(instance),
             "--collation-server=utf8mb4_general_ci",
             "--innodb-log-file-size=256M",
             *SERVER_OPTIONS,
@@ -571,21 +575,11 @@ class MysqlSandbox(Sandbox):
 
     def _server_command(self, instance: Instance, options: tuple[str, ...], tls: bool) -> list[str]:
         dist = self.mysql()
-        directory = instance.directory
         command = dist.command(
             "--no-defaults",  # must come first
             *dist.server_options(),
-            f"--datadir={instance.datadir}",
-            f"--tmpdir={directory / 'tmp'}",
-            f"--port={instance.port}",
-            "--bind-address=127.0.0.1",
-            f"--socket={instance.socket_path}",
-            f"--pid-file={directory / 'mysqld.pid'}",
-            f"--log-error={instance.log_path}",
-            f"--server-id={instance.server_id}",
+            *self._instance_options(instance),
             "--mysqlx=OFF",  # X Protocol would listen on 33060
-            "--skip-name-resolve",
-            "--character-set-server=utf8mb4",
             "--collation-server=utf8mb4_0900_ai_ci",
             # redo at least as large as the MariaDB sandbox's 256M log (MySQL's default is 100M),
             # so the two servers compare on equal terms in the migration benchmark
@@ -672,13 +666,3 @@ def _replica_status(replica: Instance) -> dict[str, Any]:
         return dict(row) if row else {}
     finally:
         connection.close()
-
-
-@contextlib.contextmanager
-def running(replica: bool = False) -> Iterator[tuple[Instance, Instance | None]]:
-    """Start a primary (and optionally a replica) for the length of a block."""
-    ensure_installed()
-    with Sandbox() as sandbox:
-        primary = sandbox.start_primary()
-        secondary = sandbox.start_replica(primary) if replica else None
-        yield primary, secondary

@@ -38,15 +38,19 @@ def replica(mariadb_sandbox: sandbox.Sandbox, primary: sandbox.Instance) -> sand
     return mariadb_sandbox.start_replica(primary)
 
 
-@pytest.fixture
-def database(primary: sandbox.Instance) -> Iterator[str]:
-    """A fresh, empty schema on the primary, dropped afterwards."""
+def _fresh_schema(instance: sandbox.Instance) -> Iterator[str]:
     name = f"t{os.getpid()}_{next(_counter)}"
-    primary.execute(f"CREATE DATABASE `{name}`")
+    instance.execute(f"CREATE DATABASE `{name}`")
     try:
         yield name
     finally:
-        primary.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        instance.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+def database(primary: sandbox.Instance) -> Iterator[str]:
+    """A fresh, empty schema on the primary, dropped afterwards."""
+    yield from _fresh_schema(primary)
 
 
 # -- MySQL 8+ (fetched from Debian sid when no MySQL server is installed) --------
@@ -74,9 +78,4 @@ def mysql_primary(mysql_sandbox: sandbox.MysqlSandbox) -> sandbox.Instance:
 @pytest.fixture
 def mysql_database(mysql_primary: sandbox.Instance) -> Iterator[str]:
     """A fresh, empty schema on the MySQL primary, dropped afterwards."""
-    name = f"t{os.getpid()}_{next(_counter)}"
-    mysql_primary.execute(f"CREATE DATABASE `{name}`")
-    try:
-        yield name
-    finally:
-        mysql_primary.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    yield from _fresh_schema(mysql_primary)
