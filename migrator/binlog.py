@@ -281,6 +281,10 @@ class BinlogStreamer:
     # -- worker thread -------------------------------------------------------------
 
     def _connect(self, **kwargs: Any) -> Any:
+        # mysql-replication still passes pymysql's deprecated spellings
+        for old, new in (("db", "database"), ("passwd", "password")):
+            if old in kwargs:
+                kwargs[new] = kwargs.pop(old)
         connection = pymysql_connect(**kwargs)
         with self._ids_lock:
             self._thread_ids.append(int(connection.thread_id()))
@@ -314,7 +318,7 @@ class BinlogStreamer:
             "host": self._settings.host,
             "port": self._settings.port,
             "user": self._settings.user,
-            "passwd": self._settings.password,
+            "password": self._settings.password,
             "connect_timeout": self._settings.connect_timeout,
         }
         stream = BinLogStreamReader(
