@@ -138,7 +138,7 @@ SESSION_SETUP: tuple[str, ...] = (
 )
 
 
-class _PyMySQL(pymysql.connections.Connection):  # type: ignore[misc]
+class PyMySQLConnection(pymysql.connections.Connection):  # type: ignore[misc]
     """pymysql's connection, with one TLS context for all sessions that asked for none.
 
     pymysql 1.2 tries TLS on every connection (its "preferred" mode) and builds
@@ -155,15 +155,15 @@ class _PyMySQL(pymysql.connections.Connection):  # type: ignore[misc]
     def _create_ssl_ctx(self, sslp: Any) -> Any:
         if sslp != {}:
             return super()._create_ssl_ctx(sslp)
-        with _PyMySQL._preferred_lock:
-            if _PyMySQL._preferred is None:
-                _PyMySQL._preferred = super()._create_ssl_ctx({})
-            return _PyMySQL._preferred
+        with PyMySQLConnection._preferred_lock:
+            if PyMySQLConnection._preferred is None:
+                PyMySQLConnection._preferred = super()._create_ssl_ctx({})
+            return PyMySQLConnection._preferred
 
 
 def pymysql_connect(**kwargs: Any) -> Any:
-    """``pymysql.connect`` for every session the migrator opens (see :class:`_PyMySQL`)."""
-    return _PyMySQL(**kwargs)
+    """``pymysql.connect`` for every session the migrator opens (see :class:`PyMySQLConnection`)."""
+    return PyMySQLConnection(**kwargs)
 
 
 class Connection:

@@ -1010,7 +1010,8 @@ class Migration:
                     await worker.execute("COMMIT")
         if behind is not None and behind.active:
             self._say(f"checksum behind the copy: {behind.rows} rows in {behind.ranges} ranges in "
-                      f"{behind.snapshots} snapshots ({behind.seconds:.1f}s, while copying); "
+                      f"{behind.snapshots} snapshots ({behind.seconds:.1f}s, while copying; the snapshots held "
+                      f"the copy {behind.stalled:.1f}s); "
                       f"{len(behind.recheck)} keys to re-check")
         self._say(
             f"checksum: {comparison.rows} rows in {comparison.ranges} ranges over "
@@ -1118,6 +1119,7 @@ class _BehindCopy:
         self.last = trio.current_time()
         self.rows = self.ranges = self.snapshots = 0
         self.seconds = 0.0
+        self.stalled = 0.0  # the copy's time spent waiting for snapshots
         self.recheck: set[Any] = set()
         self.broken: BaseException | None = None
 
@@ -1136,7 +1138,9 @@ class _BehindCopy:
                                 "the whole table is compared after the copy instead")
             self.active, self.verified_upto, self.recheck, self.broken = False, None, set(), RuntimeError("given up")
             return False
+        started = time.monotonic()
         await self.migration._snapshot(self.cut, self.locker, [self.worker], reset_tracking=not self.active)
+        self.stalled += time.monotonic() - started
         self.active = True
         self.busy = True
         self.pending_upto = watermark

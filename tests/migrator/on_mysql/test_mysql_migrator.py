@@ -1,6 +1,6 @@
 """Concurrent DML, cut-over under a conflicting lock, no deadlock victim at the cut-over,
 postpone, panic, kill -9 and resume, refusals, the instant path, throttling on load
-and on a replica's lag, and the binlog key reader — on MySQL.
+and on a replica's lag, the binlog key reader and its pre-filter — on MySQL.
 
 MySQL's standalone cut-over renames inside the session that holds the write
 locks (``CutOver.attempt_atomic``); everything else is the same code as on
@@ -19,6 +19,9 @@ from migrator.runner import Migration
 from migrator.state import Phase
 from proxy import sandbox
 from tests.migrator.conftest import assert_same, create_pair, make_spec
+from tests.migrator.test_binlog_prefilter import (  # noqa: F401
+    test_other_tables_are_dropped_before_decoding_and_ours_arrive_whole,
+)
 from tests.migrator.test_composite import (  # noqa: F401
     test_checksum_repairs_a_stray_row_and_refuses_a_broken_ghost,
     test_checksum_sees_bytes_not_collations,
