@@ -2,6 +2,7 @@
 
     python bench/migration.py                     # 1,000,000 rows, 200 tps
     python bench/migration.py --rows 100000 --rate 100   # a quick run
+    python bench/migration.py --repeat 3          # 3 rounds, order alternating; ratio of medians
 
 One command: it starts its own throwaway MariaDB (``proxy.sandbox``), prepares
 ``sbtest.sbtest1`` with sysbench and keeps a pristine copy of it.  Then, for
@@ -43,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -248,6 +250,7 @@ class Run:
     cut_over_window: tuple[float, float] | None = None
     load_before: str = ""
     load_after: str = ""
+    round: int = 0  # 1, 2, … with --repeat; 0 for a single round
 
     @property
     def seconds(self) -> float:
@@ -314,6 +317,9 @@ def main() -> int:
     parser.add_argument("--tidegate-args", default="", help="extra flags for tidegate migrate")
     parser.add_argument("--no-mdl-instrument", dest="mdl_instrument", action="store_false",
                         help="leave performance_schema's metadata-lock instrument off (MariaDB's default)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every tool, the order reversed each round (A B, B A, …); "
+                             "the ratio is then of the median wall times (default 1)")
     parser.add_argument("--logs", type=Path, help="write each run's tool and sysbench output to this directory")
     parser.add_argument("--server", choices=("mariadb", "mysql"), default="mariadb",
                         help="the throwaway server: MariaDB 10.11 (default) or MySQL (the test sandbox's, "
@@ -361,7 +367,8 @@ def main() -> int:
                        "--charset=utf8mb4", "--recursion-method=none", "--no-check-replication-filters", dsn],
         }
         results: list[tuple[Run, Load, Probe]] = []
-        for index, tool in enumerate(tools):
+        order = [tool for round_ in range(max(1, args.repeat)) for tool in (tools if round_ % 2 == 0 else tools[::-1])]
+        for index, tool in enumerate(order):
             if index:
                 print("restoring the table ...", flush=True)
                 restore(primary)
@@ -371,8 +378,10 @@ def main() -> int:
             load.start()
             probe.start()
             time.sleep(3)
-            run = Run(tool, commands[tool])
-            print(f"== {tool} (load average {load_average()})", flush=True)
+            round_ = index // len(tools) + 1
+            run = Run(tool, commands[tool], round=round_ if args.repeat > 1 else 0)
+            print(f"== {tool}" + (f" round {round_}" if args.repeat > 1 else "") + f" (load average {load_average()})",
+                  flush=True)
             run.execute()
             for at, line in run.lines:
                 print(f"  {at - run.start:7.2f}s {tool}: {line}", flush=True)
@@ -382,8 +391,9 @@ def main() -> int:
             (tidegate_windows if tool == "tidegate" else pt_windows)(run)
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
-                (args.logs / f"{tool}.log").write_text("\n".join(f"{at - run.start:.3f} {line}" for at, line in run.lines))
-                (args.logs / f"{tool}.sysbench.log").write_text(
+                suffix = f".{round_}" if args.repeat > 1 else ""
+                (args.logs / f"{tool}{suffix}.log").write_text("\n".join(f"{at - run.start:.3f} {line}" for at, line in run.lines))
+                (args.logs / f"{tool}{suffix}.sysbench.log").write_text(
                     "\n".join(f"{at - load.started:.3f} {line}" for at, line in load.lines))
             results.append((run, load, probe))
         report(results, args.rows, args.rate)
@@ -393,11 +403,12 @@ def main() -> int:
 def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None:
     print(f"\n== results: {rows} rows, sysbench oltp_read_write --rate={rate}, "
           f"probe 2x25 tps; load average now {load_average()}")
-    seconds: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}
     for run, load, probe in results:
         ok = run.returncode == 0
-        seconds[run.tool] = run.seconds
-        print(f"\n{run.tool}: exit {run.returncode} in {run.seconds:.1f}s"
+        if ok:
+            seconds.setdefault(run.tool, []).append(run.seconds)
+        print(f"\n{run.tool}{f' round {run.round}' if run.round else ''}: exit {run.returncode} in {run.seconds:.1f}s"
               + (f", {rows / run.seconds:.0f} rows/s" if ok else "")
               + f" (load average {run.load_before} -> {run.load_after})")
         print(f"  sysbench during the run: {load.report(run.start, run.end)}; "
@@ -417,7 +428,17 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
         if not ok:
             print("  last output:\n    " + "\n    ".join(line for _, line in run.lines[-15:]))
     if "tidegate" in seconds and "pt-osc" in seconds:
-        print(f"\nwall time ratio tidegate/pt-osc: {seconds['tidegate'] / seconds['pt-osc']:.2f}")
+        ours, theirs = seconds["tidegate"], seconds["pt-osc"]
+        if len(ours) == 1 and len(theirs) == 1:
+            print(f"\nwall time ratio tidegate/pt-osc: {ours[0] / theirs[0]:.2f}")
+        else:
+            # Rounds alternate the order (A B, B A, …) so that a drift of the machine's
+            # speed over the run falls on both tools; medians damp a single noisy run.
+            rounds = [f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=False)]
+            print(f"\nwall times: tidegate {' '.join(f'{x:.1f}' for x in ours)} s, "
+                  f"pt-osc {' '.join(f'{x:.1f}' for x in theirs)} s; per-round ratios {' '.join(rounds)}")
+            print(f"wall time ratio tidegate/pt-osc (medians): "
+                  f"{statistics.median(ours) / statistics.median(theirs):.2f}")
 
 
 if __name__ == "__main__":

@@ -933,14 +933,18 @@ class Migration:
         await self._apply(writer, applier)
         await self._checkpoint(watermark, upper, applier)
 
-    async def _snapshot(self, cut: CutOver, locker: Connection, workers: list[Connection], *, reset_tracking: bool) -> None:
+    async def _snapshot(self, cut: CutOver, locker: Connection, workers: list[Connection], *,
+                        reset_tracking: bool) -> set[Any]:
         """Stop writes briefly, catch up, open the same consistent snapshot in every worker.
 
         While ``LOCK TABLES`` is held nobody writes the table, the sentinel has
         come back through the binlog and every pending key is applied, so each
         ``START TRANSACTION WITH CONSISTENT SNAPSHOT`` sees original and ghost
         at one instant where they must be equal.  Keys applied from here on are
-        tracked for the exact check under the cut-over lock.
+        tracked for the exact check under the cut-over lock.  With
+        ``reset_tracking`` the tracked set starts anew here; the one it
+        replaces (keys applied up to this snapshot, those flushed under its
+        lock included) is returned, to be compared in this snapshot.
         """
         spec = self.spec
         attempt = 0
@@ -952,9 +956,10 @@ class Migration:
                 await cut.lock_and_catch_up(locker, original_mode="READ")
                 for worker in workers:
                     await worker.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+                replaced = cut.applier.tracking or set()
                 if reset_tracking or cut.applier.tracking is None:
                     cut.applier.tracking = set()
-                return
+                return replaced if reset_tracking else set()
             except (DatabaseError, trio.TooSlowError) as error:
                 if isinstance(error, DatabaseError) and error.code not in db.RETRY_CODES:
                     raise
@@ -996,23 +1001,28 @@ class Migration:
         start = behind.verified_upto if behind is not None and behind.active else None
         # Keys changed since the first snapshot behind the copy stay tracked: ranges
         # verified then are re-checked through them (the delta convergence below).
-        await self._snapshot(cut, locker, workers, reset_tracking=start is None)
-        if behind is not None and behind.active:
-            assert cut.applier.tracking is not None
-            cut.applier.tracking.update(behind.recheck)
+        changed = await self._snapshot(cut, locker, workers, reset_tracking=True)
+        if start is None:
+            changed = set()  # the whole table is compared in this snapshot
+        elif behind is not None:
+            changed |= behind.recheck
         try:
             comparison = await checksummer.compare_table(workers, chunk_time=spec.checksum_chunk_time, start=start)
             mismatches = comparison.mismatches
             keys = await self._differing_keys(checksummer, workers[0], mismatches[:_REPAIRABLE_RANGES])
+            # Keys changed since the last snapshot behind the copy, in ranges verified then:
+            # compared again here, in this snapshot.
+            changed_differing = await checksummer.compare_keys(workers[0], sorted(changed, key=repr))
         finally:
             for worker in workers:
                 with contextlib.suppress(DatabaseError):
                     await worker.execute("COMMIT")
         if behind is not None and behind.active:
             self._say(f"checksum behind the copy: {behind.rows} rows in {behind.ranges} ranges in "
-                      f"{behind.snapshots} snapshots ({behind.seconds:.1f}s, while copying; the snapshots held "
-                      f"the copy {behind.stalled:.1f}s); "
-                      f"{len(behind.recheck)} keys to re-check")
+                      f"{behind.snapshots} snapshots, {behind.keys_compared} keys changed meanwhile compared again "
+                      f"({behind.seconds:.1f}s, while copying; the snapshots held the copy {behind.stalled:.1f}s); "
+                      f"{len(behind.recheck)} keys to re-check, {len(changed - behind.recheck)} changed since the "
+                      "last snapshot: compared after the copy")
         self._say(
             f"checksum: {comparison.rows} rows in {comparison.ranges} ranges over "
             f"{len(checksummer.plan.compared)} columns in {comparison.seconds:.1f}s "
@@ -1039,6 +1049,15 @@ class Migration:
             finally:
                 with contextlib.suppress(DatabaseError):
                     await workers[0].execute("COMMIT")
+        if len(changed_differing) > spec.checksum_repair_limit:
+            raise ChecksumMismatch(f"{len(changed_differing)} of {len(changed)} changed keys differ: "
+                                   f"{changed_differing[:10]!r}")
+        if changed_differing:
+            await db.with_retries(lambda keys=changed_differing: cut.applier.resync(locker, keys),  # type: ignore[misc]
+                                  retries=spec.default_retries, what="re-sync differing keys")
+            assert cut.applier.tracking is not None
+            cut.applier.tracking.update(changed_differing)
+            self._say(f"checksum: {len(changed_differing)} of {len(changed)} changed keys differed; re-synced")
         self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else ""))
         await self._converge(cut, checksummer, locker, workers[0])
 
@@ -1058,8 +1077,8 @@ class Migration:
             tracked = applier.tracking
             if tracked is None or len(tracked) <= spec.converge_keys:
                 return
-            previous = sorted(tracked, key=repr)
-            await self._snapshot(cut, locker, [snapshot], reset_tracking=True)
+            # the replaced set: keys flushed under this snapshot's lock are in it too
+            previous = sorted(await self._snapshot(cut, locker, [snapshot], reset_tracking=True), key=repr)
             try:
                 differing = await checksummer.compare_keys(snapshot, previous)
             finally:
@@ -1093,11 +1112,15 @@ class _BehindCopy:
     chunks for a snapshot (the checksum snapshot's READ lock: writers wait a
     few ms, readers not at all), then goes on while a second connection
     compares the ranges copied since the previous snapshot in it.  From the
-    first snapshot on, the applier tracks every key the binlog changes; after
-    the copy only the last ranges are compared, and the tracked keys (plus
-    any that differed in a snapshot here) are re-checked by the delta
-    convergence and, exactly, under the cut-over lock.  So a verified range
-    whose rows nobody changed since needs no second read.  Past
+    first snapshot on, the applier tracks every key the binlog changes, one
+    set per interval: the keys changed between two snapshots are compared
+    again in the later one (they may lie in ranges verified earlier).  After
+    the copy the last ranges and the keys changed since the last snapshot
+    (plus any that differed in a snapshot here) are compared in one more
+    snapshot; what changes after it is re-checked by the delta convergence
+    and, exactly, under the cut-over lock.  So a verified range whose rows
+    nobody changed since needs no second read, and the serial work after the
+    copy does not grow with the copy's length.  Past
     ``MAX_TRACKED`` tracked keys it gives up (the whole table is compared
     after the copy, as with interval 0).
     """
@@ -1120,6 +1143,8 @@ class _BehindCopy:
         self.rows = self.ranges = self.snapshots = 0
         self.seconds = 0.0
         self.stalled = 0.0  # the copy's time spent waiting for snapshots
+        self.changed: set[Any] = set()  # keys changed between the last two snapshots, to compare in the last
+        self.keys_compared = 0
         self.recheck: set[Any] = set()
         self.broken: BaseException | None = None
 
@@ -1139,8 +1164,11 @@ class _BehindCopy:
             self.active, self.verified_upto, self.recheck, self.broken = False, None, set(), RuntimeError("given up")
             return False
         started = time.monotonic()
-        await self.migration._snapshot(self.cut, self.locker, [self.worker], reset_tracking=not self.active)
+        changed = await self.migration._snapshot(self.cut, self.locker, [self.worker], reset_tracking=True)
         self.stalled += time.monotonic() - started
+        # Keys changed since the previous snapshot may lie in ranges verified in it: they are
+        # compared again in this one, so the tracked set only ever spans one interval.
+        self.changed = changed if self.active else set()
         self.active = True
         self.busy = True
         self.pending_upto = watermark
@@ -1155,6 +1183,10 @@ class _BehindCopy:
                 [self.worker], chunk_time=spec.checksum_chunk_time, start=self.verified_upto, stop=self.pending_upto)
             for mismatch in comparison.mismatches[:_REPAIRABLE_RANGES]:
                 self.recheck.update(await self.checksummer.differing_keys(self.worker, mismatch))
+            if self.changed:
+                self.recheck.update(await self.checksummer.compare_keys(self.worker, sorted(self.changed, key=repr)))
+                self.keys_compared += len(self.changed)
+                self.changed = set()
             if len(comparison.mismatches) > _REPAIRABLE_RANGES or len(self.recheck) > spec.checksum_repair_limit:
                 report = "; ".join(m.describe() for m in comparison.mismatches[:5])
                 self.broken = ChecksumMismatch(

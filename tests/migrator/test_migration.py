@@ -66,14 +66,69 @@ async def test_checksum_behind_the_copy_under_random_dml(
     assert result.phase == Phase.COMPLETE, lines  # type: ignore[attr-defined]
     behind = [line for line in lines if line.startswith("checksum behind the copy:")]
     assert behind, lines
-    found = re.match(r"checksum behind the copy: (\d+) rows in \d+ ranges in (\d+) snapshots .*; (\d+) keys to re-check",
-                     behind[0])
+    found = re.match(r"checksum behind the copy: (\d+) rows in \d+ ranges in (\d+) snapshots, (\d+) keys changed "
+                     r"meanwhile compared again .*; (\d+) keys to re-check", behind[0])
     assert found is not None, behind
-    rows, snapshots, recheck = (int(value) for value in found.groups())
-    assert rows > 0 and snapshots >= 2 and recheck >= 1, behind
+    rows, snapshots, changed, recheck = (int(value) for value in found.groups())
+    # the workload's changes between two snapshots were compared again in the later one
+    assert rows > 0 and snapshots >= 2 and changed > 0 and recheck >= 1, behind
     assert workload.unexpected == []
     assert_same(primary, database, columns=COLUMNS)
     assert not primary.execute(f"SELECT 1 FROM `{database}`.t WHERE id = 1")
+
+
+async def test_a_key_changed_after_its_range_was_verified_is_compared_again(
+    primary: sandbox.Instance, database: str, tmp_path
+) -> None:
+    """The tracked keys span one snapshot interval: a key changed after its range was
+    verified behind the copy is compared again in the next snapshot.  Here its ghost
+    row is then damaged behind the applier's back (the stale read a binlog event can
+    cause), so only that second comparison can find and repair it."""
+    create_pair(primary, database, rows=20000, seed=52)  # keys 3, 6, ..., 60000
+    key = 3  # in the first range
+    throttle = tmp_path / "throttle"
+    throttle.touch()
+    lines: list[str] = []
+    spec = make_spec(primary, database, "ADD COLUMN extra INT NULL", throttle_flag_file=throttle,
+                     chunk_size=100, min_chunk_size=50, max_chunk_size=100, checksum_behind_copy_interval=0.05,
+                     flag_poll_interval=0.01)
+    migration = Migration(spec, output=lines.append)
+    outcome: list[object] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            outcome.append(await migration.run())
+
+        nursery.start_soon(run)
+        with trio.fail_after(60):
+            while migration.progress().phase != "copying":
+                await trio.sleep(0.01)
+            throttle.unlink()
+            while migration._behind is None or migration._behind.verified_upto is None:
+                await trio.sleep(0.002)
+            throttle.touch()  # the copy stops at its next chunk; the applier goes on
+            behind = migration._behind
+            assert behind is not None
+            while migration._throttle is None or migration._throttle.reason is None:
+                await trio.sleep(0.002)
+            # the chunk and the snapshot in flight when the flag was seen are done
+            seen = -1
+            while behind.snapshots != seen or behind.busy:
+                seen = behind.snapshots
+                await trio.sleep(0.2)
+            assert migration.progress().phase == "copying", lines
+            for table in ("t", "control"):
+                primary.execute(f"UPDATE `{database}`.{table} SET name = 'changed' WHERE id = {key}")
+            while primary.execute(f"SELECT name FROM `{database}`._t_gho WHERE id = {key}")[0][0] != "changed":
+                await trio.sleep(0.01)
+            primary.execute(f"UPDATE `{database}`._t_gho SET name = 'damaged' WHERE id = {key}")
+            assert behind.snapshots == seen  # no snapshot between the change and the damage
+            throttle.unlink()
+    result = outcome[0]
+    assert result.phase == Phase.COMPLETE, lines  # type: ignore[attr-defined]
+    reports = [line for line in lines if line.startswith("checksum behind the copy:")]
+    assert reports and re.search(r"; ([1-9]\d*) keys to re-check", reports[0]), (reports, lines)
+    assert_same(primary, database, columns=COLUMNS)
 
 
 def show_create(primary: sandbox.Instance, database: str, table: str) -> str:
