@@ -13,7 +13,9 @@ from typing import Any
 
 import pymysql
 import pytest
+import trio
 
+from migrator.binlog import BinlogItem, BinlogStreamer
 from migrator.db import ConnectionSettings
 from migrator.spec import MigrationSpec
 from proxy import sandbox
@@ -209,6 +211,23 @@ def assert_same(primary: sandbox.Instance, database: str, table: str = "t", colu
             f"migrated table differs from control: {len(migrated)} vs {len(control)} rows; "
             f"missing {missing}, extra {extra}, differing {differ}"
         )
+
+
+async def stream_until_done(streamer: BinlogStreamer) -> tuple[list[Any], list[Any]]:
+    """Run the binlog reader until the changelog row ('done', …) arrives; the keys and changelog rows read."""
+    keys: list[Any] = []
+    changelog: list[Any] = []
+    send, receive = trio.open_memory_channel[BinlogItem](64)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(streamer.run, send)
+            async for item in receive:
+                keys.extend(item.keys)
+                changelog.extend(item.changelog)
+                if any(hint == "done" for hint, _ in item.changelog):
+                    break
+            nursery.cancel_scope.cancel()
+    return keys, changelog
 
 
 def make_spec(primary: sandbox.Instance, database: str, alter: str, table: str = "t", **options: Any) -> MigrationSpec:

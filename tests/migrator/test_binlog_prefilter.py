@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import trio
-
-from migrator.binlog import BinlogItem, BinlogStreamer
+from migrator.binlog import BinlogStreamer
 from migrator.db import ConnectionSettings, gtid_position_sql
 from proxy import sandbox
+from tests.migrator.conftest import stream_until_done
 
 
 async def _stream(primary: sandbox.Instance, database: str, start: str, prefilter: bool) -> tuple[list[Any], list[Any], int]:
@@ -18,18 +17,7 @@ async def _stream(primary: sandbox.Instance, database: str, start: str, prefilte
                               server_id=random.randrange(1 << 20, 1 << 30), mariadb=primary.flavor == "mariadb",
                               ghost_table="_t_gho")
     streamer.prefilter = prefilter
-    keys: list[Any] = []
-    changelog: list[Any] = []
-    send, receive = trio.open_memory_channel[BinlogItem](64)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(streamer.run, send)
-            async for item in receive:
-                keys.extend(item.keys)
-                changelog.extend(item.changelog)
-                if any(hint == "done" for hint, _ in item.changelog):
-                    break
-            nursery.cancel_scope.cancel()
+    keys, changelog = await stream_until_done(streamer)
     return keys, changelog, streamer.events_skipped
 
 

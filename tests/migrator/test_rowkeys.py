@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import trio
-
-from migrator.binlog import BinlogItem, BinlogStreamer
+from migrator.binlog import BinlogStreamer
 from migrator.db import ConnectionSettings, gtid_position_sql
 from proxy import sandbox
+from tests.migrator.conftest import stream_until_done
 
 #: every column type whose size the reader must know, around an integer composite key
 WIDE = """
@@ -58,16 +57,7 @@ async def keys_from_binlog(primary: sandbox.Instance, database: str, start: str,
     streamer = BinlogStreamer(settings, database, table, "marks", list(key), start,
                               server_id=random.randrange(1 << 20, 1 << 30), mariadb=primary.flavor == "mariadb")
     streamer._fast_keys = fast
-    keys: list[Any] = []
-    send, receive = trio.open_memory_channel[BinlogItem](64)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(streamer.run, send)
-            async for item in receive:
-                keys.extend(item.keys)
-                if any(hint == "done" for hint, _ in item.changelog):
-                    break
-            nursery.cancel_scope.cancel()
+    keys, _ = await stream_until_done(streamer)
     return keys, streamer._reader_cache
 
 
