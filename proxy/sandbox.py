@@ -370,6 +370,11 @@ class Sandbox:
         self, name: str, server_id: int, options: tuple[str, ...], role: str, tls: bool
     ) -> Instance:
         assert self.base is not None
+        running = [i for i in self.instances if i.name == name and i.process is not None and i.process.poll() is None]
+        if running:
+            # its directory would be deleted under it (and the rmtree race its writes)
+            raise SandboxError(f"an instance named {name!r} is already running (pid {running[0].pid}); "
+                               "give the new one another name")
         directory = self.base / name
         if directory.exists():
             shutil.rmtree(directory)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from proxy import sandbox
 
 
@@ -20,3 +22,10 @@ def test_replica_follows_primary(
     sandbox.wait_replica_caught_up(primary, replica)
     assert replica.execute(f"SELECT COUNT(*) FROM `{database}`.t") == [(2,)]
     assert replica.execute("SELECT @@server_id, @@read_only") == [(2, 1)]
+
+
+def test_a_running_instance_name_is_not_reused(mariadb_sandbox: sandbox.Sandbox, primary: sandbox.Instance) -> None:
+    """A second instance under a running one's name would delete its directory under it."""
+    with pytest.raises(sandbox.SandboxError, match="'primary' is already running"):
+        mariadb_sandbox.start_primary("primary", server_id=99)
+    assert primary.execute("SELECT 1") == [(1,)]  # the running one is untouched

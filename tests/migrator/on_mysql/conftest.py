@@ -7,6 +7,8 @@ Every test module here imports test functions written for MariaDB; this
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from proxy import sandbox
@@ -18,5 +20,8 @@ def primary(mysql_primary: sandbox.Instance) -> sandbox.Instance:
 
 
 @pytest.fixture(scope="session")
-def replica(mysql_sandbox: sandbox.MysqlSandbox, mysql_primary: sandbox.Instance) -> sandbox.Instance:
-    return mysql_sandbox.start_replica(mysql_primary)
+def replica(mysql_sandbox: sandbox.MysqlSandbox, mysql_primary: sandbox.Instance) -> Iterator[sandbox.Instance]:
+    # its own name: tests/test_sandbox_mysql.py starts (and stops) a "replica" of its own
+    instance = mysql_sandbox.start_replica(mysql_primary, name="migrator-replica", server_id=3)
+    yield instance
+    instance.stop()
