@@ -81,6 +81,9 @@ class Progress:
     message: str = ""
     #: a long step besides copying, e.g. "building secondary indexes k_1 for 40s"
     activity: str | None = None
+    #: every phase entered by this process, in order: an observer that samples the
+    #: progress sees each transition, even one shorter than its sampling interval
+    phases: tuple[str, ...] = ()
 
     def line(self) -> str:
         estimate = max(self.rows_estimate, self.rows_copied)
@@ -171,6 +174,7 @@ class Migration:
         self._on_progress = on_progress
         self._output = output or (lambda line: log.info("%s", line))
         self._progress = Progress()
+        self._phases: list[str] = []
         self._state: MigrationState | None = None
         self._throttle: Throttle | None = None
         self._manual_throttle: str | None = None
@@ -199,6 +203,7 @@ class Migration:
             p.phase = self._state.phase.value
             p.migration_id = self._state.id
         p.rows_copied = self._rows_copied
+        p.phases = tuple(self._phases)
         p.elapsed_seconds = time.monotonic() - self._started if self._started else 0.0
         copy_time = time.monotonic() - self._copy_started if self._copy_started else 0.0
         p.rows_per_second = self._rows_copied / copy_time if copy_time > 0 else 0.0
@@ -216,6 +221,9 @@ class Migration:
         p.activity = (f"{self._activity[0]} for {time.monotonic() - self._activity[1]:.0f}s"
                       if self._activity is not None else None)
         return p
+
+    def _entered(self, _previous: Phase, phase: Phase, _message: str | None) -> None:
+        self._phases.append(phase.value)
 
     def throttle(self, reason: str | None) -> None:
         self._manual_throttle = reason
@@ -429,6 +437,7 @@ class Migration:
                     + (f" (latest is #{previous.id}, {previous.phase.value})" if previous else ""),
                 )
             self._state = previous
+            previous.listeners.append(self._entered)
             return await self._resume(control, original)
 
         if previous is not None and previous.phase in RESUMABLE:
@@ -470,6 +479,7 @@ class Migration:
         options = {k: v for k, v in vars(spec).items() if k not in ("connection", "replicas")}
         options["deferred_indexes"] = self._deferred_indexes
         self._state = await MigrationState.create(control, spec.state_schema, spec.database, spec.table, spec.alter, options)
+        self._state.listeners.append(self._entered)
         await self._state.transition(Phase.VALIDATING)
         await self._state.save_estimate(rows_estimate)
         self._progress.rows_estimate = rows_estimate

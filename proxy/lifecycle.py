@@ -122,6 +122,7 @@ class Lifecycle:
         self.resumed = resumed
         self.local_sessions = local_sessions
         self.progress: Any = None
+        self._progress_source: Callable[[], Any] | None = None
         self.started = time.monotonic()
         #: why the before_cut_over hook holds the cut-over back (None: it does not)
         self.vetoed: str | None = None
@@ -184,24 +185,40 @@ class Lifecycle:
             await self._watch(progress)
 
     async def _watch(self, progress: Callable[[], Any]) -> None:
-        previous = copy.copy(self.progress)
+        self._progress_source = progress
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            try:
-                # progress() updates one object in place: compare copies
-                current = copy.copy(progress())
-                self.progress = current
-                self._compare(previous, current)
-                previous = current
-            except Exception as error:  # an observer never breaks the migration it watches
-                log.warning("migration %d: progress watch: %s", self.request_id, error)
+            self._look()
+
+    def _look(self) -> None:
+        """Compare the migration's progress now with the last look (events, hooks)."""
+        if self._progress_source is None:
+            return
+        try:
+            # progress() updates one object in place: compare copies
+            current = copy.copy(self._progress_source())
+            previous, self.progress = self.progress, current
+            self._compare(previous, current)
+        except Exception as error:  # an observer never breaks the migration it watches
+            log.warning("migration %d: progress watch: %s", self.request_id, error)
 
     def _compare(self, before: Any, after: Any) -> None:
-        if after.phase != before.phase:
-            self.emit("migration.phase", previous=before.phase, phase=after.phase,
+        seen: tuple[str, ...] = tuple(getattr(before, "phases", ()) or ())
+        entered: tuple[str, ...] = tuple(getattr(after, "phases", ()) or ())
+        if len(entered) > len(seen) and entered[: len(seen)] == seen:
+            # Every phase entered since the last look, a copy of 20 ms included.
+            steps = entered[len(seen):]
+        else:
+            steps = (after.phase,) if after.phase != before.phase else ()
+        previous = before.phase
+        for phase in steps:
+            if phase == previous:
+                continue
+            self.emit("migration.phase", previous=previous, phase=phase,
                       rows_copied=after.rows_copied, rows_estimate=after.rows_estimate)
-            if before.phase == "copying":
+            if previous == "copying":
                 self.hooks.fire("row_copy_complete", self.facts())
+            previous = phase
         if after.throttle_reason != before.throttle_reason:
             self.emit("migration.throttle", throttled=after.throttle_reason is not None,
                       reason=after.throttle_reason or before.throttle_reason)
@@ -256,6 +273,9 @@ class Lifecycle:
             return True
         vetoed = False
         while True:
+            # Up to date first: a copy shorter than the watch interval has ended unseen
+            # (its row_copy_complete is queued now, and runs before this hook).
+            self._look()
             result = await self.hooks.run_now("before_cut_over", self.facts(phase="ready"))
             if result.ok:
                 break
