@@ -161,11 +161,6 @@ class PyMySQLConnection(pymysql.connections.Connection):  # type: ignore[misc]
             return PyMySQLConnection._preferred
 
 
-def pymysql_connect(**kwargs: Any) -> Any:
-    """``pymysql.connect`` for every session the migrator opens (see :class:`PyMySQLConnection`)."""
-    return PyMySQLConnection(**kwargs)
-
-
 class Connection:
     """One server session.  Calls are serialized; each runs in a worker thread."""
 
@@ -182,7 +177,7 @@ class Connection:
 
     def _connect_blocking(self) -> None:
         try:
-            raw = pymysql_connect(**self.settings.pymysql_kwargs())
+            raw = PyMySQLConnection(**self.settings.pymysql_kwargs())
             with raw.cursor() as cursor:
                 for statement in self._setup:
                     cursor.execute(statement)

@@ -1059,14 +1059,8 @@ class Migration:
             finally:
                 with contextlib.suppress(DatabaseError):
                     await workers[0].execute("COMMIT")
-        if len(changed_differing) > spec.checksum_repair_limit:
-            raise ChecksumMismatch(f"{len(changed_differing)} of {len(changed)} changed keys differ: "
-                                   f"{changed_differing[:10]!r}")
+        await self._repair_keys(cut, locker, changed_differing, compared=len(changed))
         if changed_differing:
-            await db.with_retries(lambda keys=changed_differing: cut.applier.resync(locker, keys),  # type: ignore[misc]
-                                  retries=spec.default_retries, what="re-sync differing keys")
-            assert cut.applier.tracking is not None
-            cut.applier.tracking.update(changed_differing)
             self._say(f"checksum: {len(changed_differing)} of {len(changed)} changed keys differed; re-synced")
         self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else ""))
         await self._converge(cut, checksummer, locker, workers[0])
@@ -1094,15 +1088,22 @@ class Migration:
             finally:
                 with contextlib.suppress(DatabaseError):
                     await snapshot.execute("COMMIT")
-            if len(differing) > spec.checksum_repair_limit:
-                raise ChecksumMismatch(f"{len(differing)} of {len(previous)} changed keys differ: {differing[:10]!r}")
-            if differing:
-                await db.with_retries(lambda keys=differing: applier.resync(locker, keys),  # type: ignore[misc]
-                                      retries=spec.default_retries, what="re-sync differing keys")
-                assert applier.tracking is not None
-                applier.tracking.update(differing)
+            await self._repair_keys(cut, locker, differing, compared=len(previous))
             self._say(f"delta: {len(previous)} keys changed during the last check equal in a new snapshot"
                       + (f" after re-syncing {len(differing)}" if differing else ""))
+
+    async def _repair_keys(self, cut: CutOver, locker: Connection, differing: list[Any], *, compared: int) -> None:
+        """Re-sync changed keys a snapshot found different and track them for the cut-over's check.
+
+        More than ``checksum_repair_limit`` of them is a defect, not a race: no cut-over.
+        """
+        if len(differing) > self.spec.checksum_repair_limit:
+            raise ChecksumMismatch(f"{len(differing)} of {compared} changed keys differ: {differing[:10]!r}")
+        if differing:
+            await db.with_retries(lambda: cut.applier.resync(locker, differing),
+                                  retries=self.spec.default_retries, what="re-sync differing keys")
+            assert cut.applier.tracking is not None
+            cut.applier.tracking.update(differing)
 
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:

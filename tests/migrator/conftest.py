@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,25 @@ def assert_same(primary: sandbox.Instance, database: str, table: str = "t", colu
             f"migrated table differs from control: {len(migrated)} vs {len(control)} rows; "
             f"missing {missing}, extra {extra}, differing {differ}"
         )
+
+
+@contextlib.asynccontextmanager
+async def copying(migration: Any, timeout: float = 60.0) -> AsyncIterator[list[Any]]:
+    """Run ``migration`` in the background; enter once it is copying.
+
+    Yields the list its result is appended to; leaving waits for it to end.
+    """
+    outcome: list[Any] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            outcome.append(await migration.run())
+
+        nursery.start_soon(run)
+        with trio.fail_after(timeout):
+            while migration.progress().phase != "copying":
+                await trio.sleep(0.01)
+        yield outcome
 
 
 async def stream_until_done(streamer: BinlogStreamer) -> tuple[list[Any], list[Any]]:

@@ -9,7 +9,7 @@ import trio
 from migrator.runner import Migration
 from migrator.state import Phase
 from proxy import sandbox
-from tests.migrator.conftest import COLUMNS, assert_same, create_pair, make_spec
+from tests.migrator.conftest import COLUMNS, assert_same, copying, create_pair, make_spec
 
 
 async def test_add_column_under_random_dml(primary: sandbox.Instance, database: str, workload_factory) -> None:
@@ -47,16 +47,7 @@ async def test_checksum_behind_the_copy_under_random_dml(
     spec = make_spec(primary, database, "ADD COLUMN extra INT NOT NULL DEFAULT 5", throttle_flag_file=throttle,
                      chunk_size=100, min_chunk_size=50, max_chunk_size=100, checksum_behind_copy_interval=0.05)
     migration = Migration(spec, output=lines.append)
-    outcome: list[object] = []
-    async with trio.open_nursery() as nursery:
-
-        async def run() -> None:
-            outcome.append(await migration.run())
-
-        nursery.start_soon(run)
-        with trio.fail_after(60):
-            while migration.progress().phase != "copying":
-                await trio.sleep(0.02)
+    async with copying(migration) as outcome:
         # A stray ghost row in the first range (key 1 is not in the original, and no
         # statement of the workload touches it): the snapshot behind the copy sees it.
         primary.execute(f"INSERT INTO `{database}`._t_gho (id, name, extra) VALUES (1, 'stray', 5)")
@@ -93,16 +84,8 @@ async def test_a_key_changed_after_its_range_was_verified_is_compared_again(
                      chunk_size=100, min_chunk_size=50, max_chunk_size=100, checksum_behind_copy_interval=0.05,
                      flag_poll_interval=0.01)
     migration = Migration(spec, output=lines.append)
-    outcome: list[object] = []
-    async with trio.open_nursery() as nursery:
-
-        async def run() -> None:
-            outcome.append(await migration.run())
-
-        nursery.start_soon(run)
+    async with copying(migration) as outcome:
         with trio.fail_after(60):
-            while migration.progress().phase != "copying":
-                await trio.sleep(0.01)
             throttle.unlink()
             while migration._behind is None or migration._behind.verified_upto is None:
                 await trio.sleep(0.002)
