@@ -69,6 +69,21 @@ def load_average() -> str:
         return " ".join(file.read().split()[:3])
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a running process (all its threads), from /proc; 0 when it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 # -- the latency probe ------------------------------------------------------------------
 
 
@@ -251,21 +266,28 @@ class Run:
     load_before: str = ""
     load_after: str = ""
     round: int = 0  # 1, 2, … with --repeat; 0 for a single round
+    #: CPU seconds used during the run: the tool (with its children), the server, sysbench
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         return self.end - self.start
 
-    def execute(self) -> None:
+    def execute(self, server_pid: int | None, load_pid: int | None) -> None:
         self.load_before = load_average()
+        server, load = cpu_seconds(server_pid), cpu_seconds(load_pid)
         self.start = time.monotonic()
         process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert process.stdout is not None
         for line in process.stdout:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
-        self.returncode = process.wait()
+        # wait4 for the tool's own rusage (its children included, e.g. pt-osc's none, tidegate's none)
+        _, status, usage = os.wait4(process.pid, 0)
         self.end = time.monotonic()
+        process.returncode = self.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu = {"tool": usage.ru_utime + usage.ru_stime, "server": cpu_seconds(server_pid) - server,
+                    "sysbench": cpu_seconds(load_pid) - load}
         self.load_after = load_average()
 
     def find(self, pattern: str) -> tuple[float, str] | None:
@@ -357,6 +379,13 @@ def main() -> int:
         print(f"preparing {args.rows} rows ...", flush=True)
         subprocess.run(sysbench_command(port, "prepare", args.rows), check=True, stdout=subprocess.DEVNULL)
         primary.execute("USE sbtest", f"CREATE TABLE pristine LIKE {TABLE}", f"INSERT INTO pristine SELECT * FROM {TABLE}")
+        # Warm-up, untimed: the server's buffer pool grows into its new pages on the first big
+        # copy and Python writes its bytecode caches on the first start; both made the first
+        # round 20-40 % slower than the next ones, whichever tool ran in it.
+        print("warming up ...", flush=True)
+        primary.execute("USE sbtest", f"CREATE TABLE warmup LIKE {TABLE}", f"INSERT INTO warmup SELECT * FROM {TABLE}",
+                        "DROP TABLE warmup")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "proxy", "migrator"], cwd=ROOT, check=False)
         dsn = f"D=sbtest,t={TABLE},h=127.0.0.1,P={port},u=root,p=root"
         commands = {
             "tidegate": [sys.executable, "-m", "proxy.cli", "migrate", "--host", "127.0.0.1", "--port", str(port),
@@ -382,7 +411,7 @@ def main() -> int:
             run = Run(tool, commands[tool], round=round_ if args.repeat > 1 else 0)
             print(f"== {tool}" + (f" round {round_}" if args.repeat > 1 else "") + f" (load average {load_average()})",
                   flush=True)
-            run.execute()
+            run.execute(primary.pid, load.process.pid if load.process else None)
             for at, line in run.lines:
                 print(f"  {at - run.start:7.2f}s {tool}: {line}", flush=True)
             time.sleep(3)
@@ -411,6 +440,10 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
         print(f"\n{run.tool}{f' round {run.round}' if run.round else ''}: exit {run.returncode} in {run.seconds:.1f}s"
               + (f", {rows / run.seconds:.0f} rows/s" if ok else "")
               + f" (load average {run.load_before} -> {run.load_after})")
+        if run.cpu:
+            print(f"  CPU during the run: tool {run.cpu['tool']:.1f}s, server {run.cpu['server']:.1f}s, "
+                  f"sysbench {run.cpu['sysbench']:.1f}s, total {sum(run.cpu.values()):.1f}s "
+                  f"({sum(run.cpu.values()) / run.seconds:.2f} cores)")
         print(f"  sysbench during the run: {load.report(run.start, run.end)}; "
               f"error codes seen (±3 s): {load.error_codes() or 'none'}")
         print(f"  probe before  (3 s): {describe(probe.window(run.start - 3, run.start))}")
