@@ -244,13 +244,8 @@ class Checksummer:
     async def _compare_range(
         self, connection: Connection, lower: KeyValues | None, upper: KeyValues | None
     ) -> tuple[Mismatch | None, int]:
-        where_o, args_o = self._range(self.key, lower, upper)
-        where_g, args_g = self._range(self.ghost_key, lower, upper)
-        sql = (
-            f"SELECT (SELECT CONCAT_WS(',', {self.original_aggregate}) FROM {self.original} WHERE {where_o}), "
-            f"(SELECT CONCAT_WS(',', {self.ghost_aggregate}) FROM {self.ghost} WHERE {where_g})"
-        )
-        rows = await connection.query(sql, [*args_o, *args_g])
+        sql, args = self._digests_sql(lower, upper)
+        rows = await connection.query(sql, args)
         original = _digest(rows[0][0])
         ghost = _digest(rows[0][1])
         if original != ghost:
@@ -259,26 +254,76 @@ class Checksummer:
 
     # -- keys ---------------------------------------------------------------------
 
-    async def differing_keys(self, connection: Connection, mismatch: Mismatch) -> list[KeyValues]:
-        """Every key inside a mismatching range whose row differs or exists on one side only."""
-        where_o, args_o = self._range(self.key, mismatch.lower, mismatch.upper)
-        where_g, args_g = self._range(self.ghost_key, mismatch.lower, mismatch.upper)
+    def _digests_sql(self, lower: KeyValues | None, upper: KeyValues | None) -> tuple[str, list[Any]]:
+        """One statement: the (count, CRC sum) of the range on each side."""
+        where_o, args_o = self._range(self.key, lower, upper)
+        where_g, args_g = self._range(self.ghost_key, lower, upper)
+        sql = (
+            f"SELECT (SELECT CONCAT_WS(',', {self.original_aggregate}) FROM {self.original} WHERE {where_o}), "
+            f"(SELECT CONCAT_WS(',', {self.ghost_aggregate}) FROM {self.ghost} WHERE {where_g})"
+        )
+        return sql, [*args_o, *args_g]
+
+    async def differing_keys(
+        self, connection: Connection, mismatch: Mismatch, *, row_limit: int = 2000, fanout: int = 16
+    ) -> list[KeyValues]:
+        """Every key inside a mismatching range whose row differs or exists on one side only.
+
+        A range of more than ``row_limit`` rows is first narrowed on the
+        server: it is cut into ``fanout`` parts at the original's keys, each
+        part's digests are compared, and only the differing parts are looked
+        at further.  A stale row or two in a range of 30,000 then costs the
+        server one more read of the range instead of sending 60,000 (key,
+        CRC) rows to be compared here (~0.15 s of this process's CPU each).
+        """
         key_o = ", ".join(quote(c) for c in self.key)
         key_g = ", ".join(quote(c) for c in self.ghost_key)
-        original_sql = f"SELECT {key_o}, {row_crc(self.original_expressions)} FROM {self.original} WHERE {where_o}"
-        ghost_sql = f"SELECT {key_g}, {row_crc(self.ghost_expressions)} FROM {self.ghost} WHERE {where_g}"
+        original_crc = row_crc(self.original_expressions)
+        ghost_crc = row_crc(self.ghost_expressions)
 
-        def work(cursor: Any) -> tuple[list[Any], list[Any]]:
-            cursor.execute(original_sql, args_o)
-            left = list(cursor.fetchall())
-            cursor.execute(ghost_sql, args_g)
-            return left, list(cursor.fetchall())
+        def rows_differing(cursor: Any, lower: KeyValues | None, upper: KeyValues | None) -> list[KeyValues]:
+            where_o, args_o = self._range(self.key, lower, upper)
+            where_g, args_g = self._range(self.ghost_key, lower, upper)
+            cursor.execute(f"SELECT {key_o}, {original_crc} FROM {self.original} WHERE {where_o}", args_o)
+            left = {tuple(r[:-1]): r[-1] for r in cursor.fetchall()}
+            cursor.execute(f"SELECT {key_g}, {ghost_crc} FROM {self.ghost} WHERE {where_g}", args_g)
+            right = {tuple(r[:-1]): r[-1] for r in cursor.fetchall()}
+            return [k for k in left.keys() | right.keys() if left.get(k) != right.get(k)]
 
-        original, ghost = await connection.run(work)
-        left = {tuple(r[:-1]): r[-1] for r in original}
-        right = {tuple(r[:-1]): r[-1] for r in ghost}
-        keys = [k for k in left.keys() | right.keys() if left.get(k) != right.get(k)]
-        return sorted(keys, key=repr)
+        def parts(cursor: Any, lower: KeyValues | None, upper: KeyValues | None,
+                  rows: int) -> list[tuple[KeyValues | None, KeyValues | None]]:
+            step = max(1, -(-rows // fanout))
+            found: list[tuple[KeyValues | None, KeyValues | None]] = []
+            previous = lower
+            while True:
+                where, args = self._range(self.key, previous, upper)
+                cursor.execute(f"SELECT {key_o} FROM {self.original} WHERE {where} ORDER BY {key_o} "
+                               f"LIMIT 1 OFFSET {step - 1}", args)
+                row = cursor.fetchall()
+                boundary = tuple(row[0]) if row else upper
+                found.append((previous, boundary))
+                if not row or boundary == upper:
+                    return found
+                previous = boundary
+
+        def work(cursor: Any) -> list[KeyValues]:
+            differing: list[KeyValues] = []
+            todo = [(mismatch.lower, mismatch.upper, max(mismatch.original[0], mismatch.ghost[0]))]
+            while todo:
+                lower, upper, rows = todo.pop()
+                pieces = parts(cursor, lower, upper, rows) if rows > row_limit else []
+                if len(pieces) < 2:  # small, or the original has too few keys here to cut at
+                    differing += rows_differing(cursor, lower, upper)
+                    continue
+                for low, high in pieces:
+                    sql, args = self._digests_sql(low, high)
+                    cursor.execute(sql, args)
+                    original, ghost = (_digest(value) for value in cursor.fetchall()[0])
+                    if original != ghost:
+                        todo.append((low, high, max(original[0], ghost[0])))
+            return differing
+
+        return sorted(await connection.run(work), key=repr)
 
     async def compare_keys(self, connection: Connection, keys: Sequence[KeyValues], batch: int = 2000) -> list[KeyValues]:
         """Compare the given keys on both sides in one thread hop; the keys that differ.

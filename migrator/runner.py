@@ -194,6 +194,8 @@ class Migration:
         self._copy_writers: list[Connection] = []
         self._activity: tuple[str, float] | None = None  # (what, since): shown in the status line
         self._chunks = 0
+        #: where the copy's time went: chunk statements, applying binlog keys between them, throttled
+        self._copy_split: dict[str, float] = {"chunks": 0.0, "applying": 0.0, "throttled": 0.0}
 
     # -- runtime control (from the embedding process or the CLI) --------------------
 
@@ -902,8 +904,12 @@ class Migration:
             behind.raise_if_broken()
         copied = self._rows_copied - rows_at_start
         seconds = time.monotonic() - self._copy_started
+        split = self._copy_split
         self._say(f"copy done: {copied} rows in {self._chunks} chunks, {seconds:.1f}s "
-                  f"({copied / seconds if seconds > 0 else 0:.0f} rows/s)"
+                  f"({copied / seconds if seconds > 0 else 0:.0f} rows/s; chunk statements {split['chunks']:.1f}s, "
+                  f"applying binlog keys {split['applying']:.1f}s"
+                  + (f", snapshots {behind.stalled:.1f}s" if behind is not None else "")
+                  + (f", throttled {split['throttled']:.1f}s" if split["throttled"] else "") + ")"
                   + (f"; {behind.rows} rows verified behind it" if behind is not None and behind.rows else ""))
 
     async def _copy_chunks(self, writer: Connection, applier: Applier, copier: ChunkCopier, sizer: ChunkSizer,
@@ -911,12 +917,18 @@ class Migration:
                            verifying: trio.Nursery) -> None:
         spec = self.spec
         assert self._throttle is not None
+        split = self._copy_split
         while upper is not None and watermark != upper:
+            mark = time.monotonic()
             await self._apply(writer, applier)
-            while self._throttle.reason is not None:
-                with trio.move_on_after(0.05):
-                    await self._throttle.wait_until_clear()
-                await self._apply(writer, applier)
+            split["applying"] += time.monotonic() - mark
+            if self._throttle.reason is not None:
+                mark = time.monotonic()
+                while self._throttle.reason is not None:
+                    with trio.move_on_after(0.05):
+                        await self._throttle.wait_until_clear()
+                    await self._apply(writer, applier)
+                split["throttled"] += time.monotonic() - mark
             size = sizer.size
             low = watermark
 
@@ -924,7 +936,9 @@ class Migration:
                 assert upper is not None
                 return await copier.copy_chunks(self._copy_writers or [writer], low, upper, size)
 
+            mark = time.monotonic()
             results = await db.with_retries(chunks, retries=spec.default_retries, what="copy chunk")
+            split["chunks"] += time.monotonic() - mark
             for result in results:
                 sizer.record(result.rows, result.seconds)
                 self._rows_copied += result.rows
@@ -937,7 +951,9 @@ class Migration:
             if behind is not None and behind.due(now) and watermark != upper:
                 # Between chunks: the copy waits for the snapshot (a short READ lock), then goes on
                 # while the ranges copied since the last one are compared in it.
+                mark = time.monotonic()
                 await self._apply(writer, applier)
+                split["applying"] += time.monotonic() - mark
                 if await behind.snapshot(watermark):
                     verifying.start_soon(behind.compare)
         await self._apply(writer, applier)

@@ -230,3 +230,43 @@ async def test_checksum_repairs_a_stray_row_and_refuses_a_broken_ghost(
     assert "ranges differ" in str(error) and "keys" in str(error)
     assert len(primary.execute(f"SHOW COLUMNS FROM `{database}`.t")) == 16  # not swapped
     assert_same(primary, database)
+
+
+@pytest.mark.parametrize("key", ["id", "composite"])
+async def test_differing_keys_narrows_a_large_range_on_the_server(
+    primary: sandbox.Instance, database: str, key: str
+) -> None:
+    """Changed, missing and extra rows are all found when the range is cut into parts first.
+
+    Extra ghost rows sit where the original has no key at all (past its last
+    key and in a gap), so parts cut at the original's keys cannot split them.
+    """
+    columns = "id INT NOT NULL, v VARCHAR(20) NOT NULL" if key == "id" else \
+        "g INT NOT NULL, id INT NOT NULL, v VARCHAR(20) NOT NULL"
+    primary_key = "id" if key == "id" else "g, id"
+    select = "SELECT seq, CONCAT('v', seq) FROM seq_1_to_5000 WHERE seq NOT BETWEEN 2000 AND 2600" if key == "id" \
+        else "SELECT seq % 3, seq, CONCAT('v', seq) FROM seq_1_to_5000 WHERE seq NOT BETWEEN 2000 AND 2600"
+    primary.execute(
+        f"USE `{database}`",
+        f"CREATE TABLE t ({columns}, PRIMARY KEY ({primary_key}))",
+        "CREATE TABLE _t_gho LIKE t",
+        f"INSERT INTO t {select}",
+        "INSERT INTO _t_gho SELECT * FROM t",
+        "UPDATE _t_gho SET v = 'stale' WHERE id IN (17, 1999, 4321)",
+        "DELETE FROM _t_gho WHERE id IN (3, 2601)",
+        # ghost-only rows: in the original's gap and past its last key
+        *((f"INSERT INTO _t_gho SELECT seq, 'extra' FROM seq_2100_to_2400",
+           "INSERT INTO _t_gho VALUES (9000, 'extra')") if key == "id" else
+          ("INSERT INTO _t_gho SELECT 1, seq, 'extra' FROM seq_2100_to_2400",
+           "INSERT INTO _t_gho VALUES (5, 9000, 'extra')")),
+    )
+    async with await connect(make_spec(primary, database, "ADD COLUMN z INT").settings) as connection:
+        checksummer = await checksummer_of_t(connection, primary, database)
+        comparison = await checksummer.compare_table([connection], chunk_rows=100_000, max_chunk_rows=100_000)
+        assert len(comparison.mismatches) == 1
+        narrowed = await checksummer.differing_keys(connection, comparison.mismatches[0], row_limit=50, fanout=4)
+        whole = await checksummer.differing_keys(connection, comparison.mismatches[0], row_limit=100_000)
+    ids = {17, 1999, 4321, 3, 2601, 9000, *range(2100, 2401)}
+    expected = sorted(((i,) if key == "id" else (5 if i == 9000 else 1 if 2100 <= i <= 2400 else i % 3, i))
+                      for i in ids)
+    assert sorted(narrowed) == sorted(whole) == expected
