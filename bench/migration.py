@@ -379,12 +379,7 @@ def main() -> int:
         print(f"preparing {args.rows} rows ...", flush=True)
         subprocess.run(sysbench_command(port, "prepare", args.rows), check=True, stdout=subprocess.DEVNULL)
         primary.execute("USE sbtest", f"CREATE TABLE pristine LIKE {TABLE}", f"INSERT INTO pristine SELECT * FROM {TABLE}")
-        # Warm-up, untimed: the server's buffer pool grows into its new pages on the first big
-        # copy and Python writes its bytecode caches on the first start; both made the first
-        # round 20-40 % slower than the next ones, whichever tool ran in it.
-        print("warming up ...", flush=True)
-        primary.execute("USE sbtest", f"CREATE TABLE warmup LIKE {TABLE}", f"INSERT INTO warmup SELECT * FROM {TABLE}",
-                        "DROP TABLE warmup")
+        # Python writes its bytecode caches on the first start: done here, untimed.
         subprocess.run([sys.executable, "-m", "compileall", "-q", "proxy", "migrator"], cwd=ROOT, check=False)
         dsn = f"D=sbtest,t={TABLE},h=127.0.0.1,P={port},u=root,p=root"
         commands = {
@@ -398,9 +393,11 @@ def main() -> int:
         results: list[tuple[Run, Load, Probe]] = []
         order = [tool for round_ in range(max(1, args.repeat)) for tool in (tools if round_ % 2 == 0 else tools[::-1])]
         for index, tool in enumerate(order):
-            if index:
-                print("restoring the table ...", flush=True)
-                restore(primary)
+            # Every run, the first included, starts from a table just restored: the first run
+            # used to get sysbench's table as prepared, its pages pushed out of the buffer pool
+            # by the pristine copy, and was 20-40 % slower than the others whichever tool ran it.
+            print("restoring the table ...", flush=True)
+            restore(primary)
             time.sleep(1)
             load = Load(port, args.rows, args.rate, args.threads)
             probe = Probe(port, args.rows)

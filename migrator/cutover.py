@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
@@ -115,6 +116,7 @@ class CutOver:
         self.timeout = spec.cut_over_lock_timeout_seconds
         self.delta_keys = 0  # keys compared under the lock in the last attempt
         self.delta_resynced = 0  # of which re-synced
+        self.locked_at = 0.0  # time.monotonic() when lock_and_catch_up's lock was last granted
 
     # -- helpers shared with the checksum snapshot ----------------------------------
 
@@ -151,6 +153,7 @@ class CutOver:
             await self.wait_until_free(locker, original_mode, self.timeout / 2)
         if not granted:
             await locker.execute(lock)  # a waiting request, bounded by lock_wait_timeout
+        self.locked_at = time.monotonic()
         waited = await self.sentinel_round_trip(locker)
         await self.applier.flush(locker, force=True)
         return waited

@@ -194,6 +194,8 @@ class Migration:
         self._copy_writers: list[Connection] = []
         self._activity: tuple[str, float] | None = None  # (what, since): shown in the status line
         self._chunks = 0
+        #: seconds each checksum snapshot kept the table's writers waiting (lock granted to unlock)
+        self._snapshot_holds: list[float] = []
         #: where the copy's time went: chunk statements, applying binlog keys between them, throttled
         self._copy_split: dict[str, float] = {"chunks": 0.0, "applying": 0.0, "throttled": 0.0}
 
@@ -1003,6 +1005,10 @@ class Migration:
                     with contextlib.suppress(DatabaseError):
                         await locker.execute("UNLOCK TABLES")
                     cut.applier.paused = False
+                    if cut.locked_at:
+                        held = time.monotonic() - cut.locked_at
+                        self._snapshot_holds.append(held)
+                        cut.locked_at = 0.0
             await trio.sleep(min(5.0, 0.25 * attempt))
 
     async def _verify(self, cut: CutOver, checksummer: Checksummer, open_connection: Callable[..., Any]) -> None:
@@ -1078,7 +1084,10 @@ class Migration:
         await self._repair_keys(cut, locker, changed_differing, compared=len(changed))
         if changed_differing:
             self._say(f"checksum: {len(changed_differing)} of {len(changed)} changed keys differed; re-synced")
-        self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else ""))
+        holds = sorted(self._snapshot_holds)
+        self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else "")
+                  + (f"; {len(holds)} snapshots held the table's writers {1000 * holds[len(holds) // 2]:.0f}ms "
+                     f"(median), {1000 * holds[-1]:.0f}ms at most" if holds else ""))
         await self._converge(cut, checksummer, locker, workers[0])
 
     async def _converge(self, cut: CutOver, checksummer: Checksummer, locker: Connection, snapshot: Connection) -> None:
