@@ -337,6 +337,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="sysbench threads (default 8)")
     parser.add_argument("--tools", default="tidegate,pt-osc", help="which tools, in order (default tidegate,pt-osc)")
     parser.add_argument("--tidegate-args", default="", help="extra flags for tidegate migrate")
+    parser.add_argument("--variant-args", default="",
+                        help="flags for the tool 'tidegate+': tidegate with these added, to compare a setting "
+                             "with the defaults in the same run (e.g. --tools tidegate,tidegate+,pt-osc)")
     parser.add_argument("--no-mdl-instrument", dest="mdl_instrument", action="store_false",
                         help="leave performance_schema's metadata-lock instrument off (MariaDB's default)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -348,7 +351,7 @@ def main() -> int:
                              "Debian sid's 9.7 unless TIDEGATE_MYSQLD names another mysqld)")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    unknown = [t for t in tools if t not in ("tidegate", "pt-osc")]
+    unknown = [t for t in tools if t not in ("tidegate", "pt-osc", "tidegate+")]
     if unknown:
         parser.error(f"--tools: unknown tool {unknown[0]!r} (tidegate, pt-osc)")
     missing = [name for name, needed in (("sysbench", True), ("pt-online-schema-change", "pt-osc" in tools))
@@ -390,6 +393,7 @@ def main() -> int:
             "pt-osc": ["pt-online-schema-change", "--alter", "ADD COLUMN pt INT NULL", "--execute",
                        "--charset=utf8mb4", "--recursion-method=none", "--no-check-replication-filters", dsn],
         }
+        commands["tidegate+"] = [*commands["tidegate"], *args.variant_args.split()]
         results: list[tuple[Run, Load, Probe]] = []
         order = [tool for round_ in range(max(1, args.repeat)) for tool in (tools if round_ % 2 == 0 else tools[::-1])]
         for index, tool in enumerate(order):
@@ -414,7 +418,7 @@ def main() -> int:
             time.sleep(3)
             probe.finish()
             load.stop()
-            (tidegate_windows if tool == "tidegate" else pt_windows)(run)
+            (tidegate_windows if tool.startswith("tidegate") else pt_windows)(run)
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 suffix = f".{round_}" if args.repeat > 1 else ""
@@ -457,18 +461,21 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
                   f"{describe(probe.window(start - 1, end + 1))}")
         if not ok:
             print("  last output:\n    " + "\n    ".join(line for _, line in run.lines[-15:]))
-    if "tidegate" in seconds and "pt-osc" in seconds:
-        ours, theirs = seconds["tidegate"], seconds["pt-osc"]
-        if len(ours) == 1 and len(theirs) == 1:
-            print(f"\nwall time ratio tidegate/pt-osc: {ours[0] / theirs[0]:.2f}")
-        else:
-            # Rounds alternate the order (A B, B A, …) so that a drift of the machine's
-            # speed over the run falls on both tools; medians damp a single noisy run.
-            rounds = [f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=False)]
-            print(f"\nwall times: tidegate {' '.join(f'{x:.1f}' for x in ours)} s, "
-                  f"pt-osc {' '.join(f'{x:.1f}' for x in theirs)} s; per-round ratios {' '.join(rounds)}")
-            print(f"wall time ratio tidegate/pt-osc (medians): "
-                  f"{statistics.median(ours) / statistics.median(theirs):.2f}")
+    for variant in ("tidegate", "tidegate+"):
+        if variant in seconds and "pt-osc" in seconds:
+            ratios(variant, seconds[variant], seconds["pt-osc"])
+
+
+def ratios(tool: str, ours: list[float], theirs: list[float]) -> None:
+    if len(ours) == 1 and len(theirs) == 1:
+        print(f"\nwall time ratio {tool}/pt-osc: {ours[0] / theirs[0]:.2f}")
+        return
+    # Rounds alternate the order (A B, B A, …) so that a drift of the machine's
+    # speed over the run falls on both tools; medians damp a single noisy run.
+    rounds = [f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=False)]
+    print(f"\nwall times: {tool} {' '.join(f'{x:.1f}' for x in ours)} s, "
+          f"pt-osc {' '.join(f'{x:.1f}' for x in theirs)} s; per-round ratios {' '.join(rounds)}")
+    print(f"wall time ratio {tool}/pt-osc (medians): {statistics.median(ours) / statistics.median(theirs):.2f}")
 
 
 if __name__ == "__main__":
