@@ -912,6 +912,8 @@ class Migration:
                   f"applying binlog keys {split['applying']:.1f}s"
                   + (f", snapshots {behind.stalled:.1f}s" if behind is not None else "")
                   + (f", throttled {split['throttled']:.1f}s" if split["throttled"] else "") + ")"
+                  + (f"; {applier.left_to_copy} changed keys left to the copy, which had not reached them"
+                     if applier.left_to_copy else "")
                   + (f"; {behind.rows} rows verified behind it" if behind is not None and behind.rows else ""))
 
     async def _copy_chunks(self, writer: Connection, applier: Applier, copier: ChunkCopier, sizer: ChunkSizer,
@@ -920,7 +922,12 @@ class Migration:
         spec = self.spec
         assert self._throttle is not None
         split = self._copy_split
+        # Changes to keys the copy has not reached are left to it (Applier._leave_to_copy) when
+        # the key is made of integers, whose order here is the server's.
+        integers = _integer_key(applier.plan)
         while upper is not None and watermark != upper:
+            if integers:
+                applier.ahead_of_copy = (watermark, upper)
             mark = time.monotonic()
             await self._apply(writer, applier)
             split["applying"] += time.monotonic() - mark
@@ -958,6 +965,7 @@ class Migration:
                 split["applying"] += time.monotonic() - mark
                 if await behind.snapshot(watermark):
                     verifying.start_soon(behind.compare)
+        applier.ahead_of_copy = None
         await self._apply(writer, applier)
         await self._checkpoint(watermark, upper, applier)
 
@@ -1133,6 +1141,15 @@ class Migration:
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:
         return [await checksummer.differing_keys(connection, mismatch) for mismatch in mismatches]
+
+
+_INTEGER_TYPES = frozenset({"tinyint", "smallint", "mediumint", "int", "integer", "bigint"})
+
+
+def _integer_key(plan: Plan) -> bool:
+    """Every migration-key column is an integer: key tuples sort here as on the server."""
+    types = {original.name: original.data_type.lower() for original, _ in plan.compared}
+    return all(types.get(column) in _INTEGER_TYPES for column in plan.key_columns)
 
 
 def _key_name(definition: str) -> str:

@@ -255,7 +255,7 @@ async def test_differing_keys_narrows_a_large_range_on_the_server(
         "UPDATE _t_gho SET v = 'stale' WHERE id IN (17, 1999, 4321)",
         "DELETE FROM _t_gho WHERE id IN (3, 2601)",
         # ghost-only rows: in the original's gap and past its last key
-        *((f"INSERT INTO _t_gho SELECT seq, 'extra' FROM seq_2100_to_2400",
+        *(("INSERT INTO _t_gho SELECT seq, 'extra' FROM seq_2100_to_2400",
            "INSERT INTO _t_gho VALUES (9000, 'extra')") if key == "id" else
           ("INSERT INTO _t_gho SELECT 1, seq, 'extra' FROM seq_2100_to_2400",
            "INSERT INTO _t_gho VALUES (5, 9000, 'extra')")),

@@ -208,6 +208,26 @@ async def test_paused_applier_only_flushes_when_forced() -> None:
     assert await applier.flush(writer, force=True) == 1  # type: ignore[arg-type]
 
 
+async def test_upserts_ahead_of_the_copy_are_left_to_it_and_deletes_always_run() -> None:
+    """Keys in (watermark, upper] are upserted by the copy itself later; nothing else is skipped."""
+    applier = Applier(PLAN, "s", "t", "_t_gho")
+    keys = [((5,), False), ((10,), False), ((11,), False), ((50,), False), ((51,), False),
+            ((30,), True), ((80,), False)]
+    applier.receive(BinlogItem(keys=keys, gtid="0-1-9", transactions=1))
+    applier.ahead_of_copy = ((10,), (50,))
+    writer = FakeWriter()
+    # kept: 5 and 10 (copied already), 30 (a delete), 51 and 80 (past the copy's upper bound)
+    assert await applier.flush(writer) == 5  # type: ignore[arg-type]
+    assert applier.left_to_copy == 2 and applier.applied_gtid == "0-1-9"
+    applier.receive(BinlogItem(keys=[((1,), False), ((2,), True)], gtid="0-1-10", transactions=1))
+    applier.ahead_of_copy = (None, (50,))  # nothing copied yet: every upsert up to 50 waits for the copy
+    assert await applier.flush(writer) == 1  # type: ignore[arg-type]
+    applier.ahead_of_copy = None
+    applier.receive(BinlogItem(keys=[((20,), False)], gtid="0-1-11", transactions=1))
+    assert await applier.flush(writer) == 1  # type: ignore[arg-type]
+    assert applier.left_to_copy == 3
+
+
 # -- server checks and binlog positions ----------------------------------------------------
 
 
