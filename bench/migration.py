@@ -266,7 +266,7 @@ class Run:
     load_before: str = ""
     load_after: str = ""
     round: int = 0  # 1, 2, … with --repeat; 0 for a single round
-    #: CPU seconds used during the run: the tool (with its children), the server, sysbench
+    #: CPU seconds used during the run: the tool, the server, sysbench
     cpu: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -282,7 +282,7 @@ class Run:
         assert process.stdout is not None
         for line in process.stdout:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
-        # wait4 for the tool's own rusage (its children included, e.g. pt-osc's none, tidegate's none)
+        # wait4, not wait: it gives the tool's own rusage (and that of any children it waited for)
         _, status, usage = os.wait4(process.pid, 0)
         self.end = time.monotonic()
         process.returncode = self.returncode = os.waitstatus_to_exitcode(status)
@@ -353,7 +353,7 @@ def main() -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in ("tidegate", "pt-osc", "tidegate+")]
     if unknown:
-        parser.error(f"--tools: unknown tool {unknown[0]!r} (tidegate, pt-osc)")
+        parser.error(f"--tools: unknown tool {unknown[0]!r} (tidegate, tidegate+, pt-osc)")
     missing = [name for name, needed in (("sysbench", True), ("pt-online-schema-change", "pt-osc" in tools))
                if needed and shutil.which(name) is None]
     if missing:

@@ -46,7 +46,7 @@ class Applier:
     def __init__(
         self, plan: Plan, schema: str, original: str, ghost: str, *, batch_size: int = 500, hop_keys: int = 5000
     ) -> None:
-        self._plan = self.plan = plan
+        self.plan = plan
         self._replace, self._delete = copy_select(plan, schema, original, ghost)
         self._batch_size = batch_size
         self.hop_keys = hop_keys
@@ -135,10 +135,10 @@ class Applier:
         upserts = [k for k, deleted in batch if not deleted]
         statements: list[Statement] = []
         if deletes:
-            where = key_in(self._plan.ghost_key_columns, len(deletes))
+            where = key_in(self.plan.ghost_key_columns, len(deletes))
             statements.append((f"{self._delete} WHERE {where}", _flatten(deletes)))
         if upserts:
-            where = key_in(self._plan.key_columns, len(upserts))
+            where = key_in(self.plan.key_columns, len(upserts))
             statements.append((f"{self._replace} WHERE {where}", _flatten(upserts)))
         return statements
 
@@ -183,7 +183,6 @@ class Applier:
         if not self.pending and not self._in_flight:
             self.applied_gtid = self.received_gtid
         return applied
-
 
     def _leave_to_copy(self, batch: list[tuple[KeyValues, bool]], watermark: KeyValues | None,
                        upper: KeyValues) -> list[tuple[KeyValues, bool]]:
