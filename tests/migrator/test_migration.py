@@ -149,12 +149,16 @@ async def test_changes_ahead_of_the_copy_are_left_to_it_under_random_dml(
     """Upserts of keys the copy has not reached are not applied (the copy reads them later);
     deletes, key changes and keys past the copy's upper bound still are: the data stays exact.
     Without the checksum, which would otherwise find and repair a key skipped wrongly."""
-    create_pair(primary, database, rows=5000, seed=31)  # keys 3, 6, … 15000
-    workload = workload_factory(database, key_space=20000, threads=2, rate=150)
+    create_pair(primary, database, rows=10000, seed=31)  # keys 3, 6, … 30000
+    workload = workload_factory(database, key_space=40000, threads=2, rate=150)
     workload.start()
+    # the copy must run while changes stream in: a 0.3 s copy once saw none ahead of it
+    with trio.fail_after(30):
+        while workload.committed < 100:
+            await trio.sleep(0.05)
     lines: list[str] = []
-    spec = make_spec(primary, database, "ADD COLUMN extra INT NULL", chunk_size=100, min_chunk_size=50,
-                     max_chunk_size=100, chunk_time=0.02, checksum=False)
+    spec = make_spec(primary, database, "ADD COLUMN extra INT NULL", chunk_size=50, min_chunk_size=50,
+                     max_chunk_size=50, chunk_time=0.02, checksum=False)
     result = await Migration(spec, output=lines.append).run()
     await trio.to_thread.run_sync(workload.finish)
     assert result.phase == Phase.COMPLETE
