@@ -129,16 +129,22 @@ class CutOver:
         )
         return token
 
-    async def lock_and_catch_up(self, locker: Connection, *, original_mode: str = "WRITE") -> float:
+    async def lock_and_catch_up(self, locker: Connection, *, original_mode: str = "WRITE",
+                                flusher: Connection | None = None) -> float:
         """LOCK TABLES, sentinel round trip, flush; returns seconds spent waiting for the sentinel.
 
         ``original_mode`` READ stops writers only (readers go on, and an
         application transaction that read ``t`` can never be a deadlock victim
-        of the request); WRITE stops everyone.  Raises ``DatabaseError`` (1205)
-        when the lock was not granted in time and ``trio.TooSlowError`` when
-        the sentinel did not come back in time; the caller unlocks.
+        of the request); WRITE stops everyone.  With a ``flusher`` session the
+        ghost is not locked: the pending keys are applied through that session
+        (the paused applier is the ghost's only writer), so the lock does not
+        wait for, nor block, an online ``ALTER`` of the ghost (the secondary
+        indexes built after the copy).  Raises ``DatabaseError`` (1205) when
+        the lock was not granted in time and ``trio.TooSlowError`` when the
+        sentinel did not come back in time; the caller unlocks.
         """
-        tables = [f"{self.original} {original_mode}", f"{self.ghost} WRITE", f"{self.changelog} WRITE"]
+        tables = [f"{self.original} {original_mode}", *([] if flusher else [f"{self.ghost} WRITE"]),
+                  f"{self.changelog} WRITE"]
         lock = "LOCK TABLES " + ", ".join(tables)
         await locker.execute_many(
             [
@@ -150,12 +156,12 @@ class CutOver:
             granted = await self.lock_politely(locker, lock, self.timeout / 2)
         else:
             granted = False
-            await self.wait_until_free(locker, original_mode, self.timeout / 2)
+            await self.wait_until_free(locker, original_mode, self.timeout / 2, ghost=flusher is None)
         if not granted:
             await locker.execute(lock)  # a waiting request, bounded by lock_wait_timeout
         self.locked_at = time.monotonic()
         waited = await self.sentinel_round_trip(locker)
-        await self.applier.flush(locker, force=True)
+        await self.applier.flush(flusher or locker, force=True)
         return waited
 
     async def lock_politely(self, connection: Connection, lock: str, seconds: float) -> bool:
@@ -177,7 +183,8 @@ class CutOver:
                 return False
             await trio.sleep(0.002)
 
-    async def wait_until_free(self, connection: Connection, original_mode: str, seconds: float) -> bool:
+    async def wait_until_free(self, connection: Connection, original_mode: str, seconds: float, *,
+                              ghost: bool = True) -> bool:
         """MySQL: until no other session holds a conflicting lock on the tables (bounded).
 
         MySQL's ``LOCK TABLES`` has no ``NOWAIT``; instead the request is made
@@ -185,7 +192,8 @@ class CutOver:
         free, so it is granted at once and is not pending while a transaction
         that read ``t`` goes on to write it.  Left: a transaction that reads
         ``t`` in the instant between that look and the request.  Without the
-        instrument (performance_schema off) it returns False at once.
+        instrument (performance_schema off) it returns False at once.  Without
+        ``ghost`` the ghost's locks are not looked at (it is not requested).
         """
         tolerated = ("SHARED_READ", "SHARED_HIGH_PRIO", "SHARED", "SHARED_READ_ONLY") if original_mode == "READ" else ()
         schema = self.spec.database
@@ -197,7 +205,8 @@ class CutOver:
             + (f" AND LOCK_TYPE NOT IN ({', '.join(['%s'] * len(tolerated))})" if tolerated else "")
             + "))"
         )
-        args = (schema, self.spec.ghost_table, self.spec.changelog_table, self.spec.table, *tolerated)
+        helper = self.spec.ghost_table if ghost else self.spec.changelog_table
+        args = (schema, helper, self.spec.changelog_table, self.spec.table, *tolerated)
         deadline = trio.current_time() + seconds
         while True:
             try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -723,13 +724,17 @@ class Migration:
             await self._copy(writer, applier, cut)
             await state.transition(Phase.VERIFYING)
             self._fire("row_copy_complete")
-        await self._build_deferred_indexes(writer)
         async with trio.open_nursery() as background:
             background.start_soon(self._keep_applying, writer, applier)
+            # The deferred indexes are built on their own session while the checksum
+            # compares what was not verified behind the copy (see _build_deferred_indexes).
+            built = trio.Event()
+            await background.start(self._build_deferred_indexes, open_connection, built)
             if checksummer is not None:
-                await self._verify(cut, checksummer, open_connection)
+                await self._verify(cut, checksummer, open_connection, built)
             else:
                 applier.tracking = None
+            await built.wait()
             await state.transition(Phase.READY)
             locker = await open_connection()
             holder = await open_connection()
@@ -853,31 +858,81 @@ class Migration:
                 last_checkpoint = now
             await trio.sleep(0.01)
 
-    async def _build_deferred_indexes(self, writer: Connection) -> None:
-        """Add the secondary indexes left out of the ghost for the copy (those it lacks).
+    async def _build_deferred_indexes(self, open_connection: Callable[..., Any], built: trio.Event, *,
+                                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Add the secondary indexes left out of the ghost for the copy (those it lacks); set ``built``.
 
-        Online (``LOCK=NONE``): the server logs the binlog applier's writes
-        made meanwhile and applies them to the new index.  The applier waits
-        on the writer session for that long; its keys pile up and are applied
-        afterwards.  A resumed migration adds what an interruption left out.
+        Online (``LOCK=NONE``), on a session of its own: the server logs the
+        binlog applier's writes made meanwhile and applies them to the new
+        index, so the applier goes on.  The checksum runs meanwhile; its
+        snapshots do not lock the ghost (they would wait for the build).  The
+        build needs the ghost's exclusive metadata lock at its start and its
+        end, for a moment; a transaction that reads the ghost at its start
+        would make it wait that transaction's length, and every write to the
+        ghost with it.  So this reports started once the server is past that
+        point ("altering table"), or after 5 s.  A resumed migration adds
+        what an interruption left out.
         """
-        if not self._deferred_indexes:
-            return
-        spec = self.spec
-        ghost = qualified(spec.database, spec.ghost_table)
-        create = str((await writer.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
-        present = {name for name, _ in inspector.plain_secondary_keys(create)}
-        missing = [d for d in self._deferred_indexes if _key_name(d) not in present]
-        if not missing:
-            return
-        started = time.monotonic()
-        self._activity = ("building secondary indexes " + ", ".join(_key_name(d) for d in missing), started)
         try:
-            await writer.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+            if not self._deferred_indexes:
+                task_status.started()
+                return
+            spec = self.spec
+            ghost = qualified(spec.database, spec.ghost_table)
+            builder: Connection = await open_connection()
+            create = str((await builder.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
+            present = {name for name, _ in inspector.plain_secondary_keys(create)}
+            missing = [d for d in self._deferred_indexes if _key_name(d) not in present]
+            if not missing:
+                task_status.started()
+                return
+            observer: Connection = await open_connection()
+            started = time.monotonic()
+            done = trio.Event()
+            self._activity = ("building secondary indexes " + ", ".join(_key_name(d) for d in missing), started)
+
+            async def alter() -> None:
+                try:
+                    await builder.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+                finally:
+                    done.set()
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(alter)
+                    await self._wait_altering(observer, builder, done)
+                    task_status.started()
+            finally:
+                self._activity = None
+            self._say(f"secondary indexes built: {', '.join(_key_name(d) for d in missing)} "
+                      f"in {time.monotonic() - started:.1f}s")
         finally:
-            self._activity = None
-        self._say(f"secondary indexes built: {', '.join(_key_name(d) for d in missing)} "
-                  f"in {time.monotonic() - started:.1f}s")
+            built.set()
+
+    @staticmethod
+    async def _wait_altering(observer: Connection, builder: Connection, done: trio.Event) -> None:
+        """Until ``builder``'s ALTER is past its first exclusive lock (building), at most 5 s.
+
+        MySQL's ``information_schema.PROCESSLIST`` converts every statement's
+        text to utf8mb3 and fails on one that holds other characters, so
+        there the state comes from ``performance_schema.threads``.  If it
+        cannot be seen at all, a short wait stands in for it.
+        """
+        sql = ("SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = %s" if observer.mariadb else
+               "SELECT PROCESSLIST_STATE FROM performance_schema.threads WHERE PROCESSLIST_ID = %s")
+        with trio.move_on_after(5):
+            while not done.is_set():
+                try:
+                    rows = await observer.query(sql, (builder.thread_id,))
+                except DatabaseError as error:
+                    log.info("cannot see the index build's state (%s)", error)
+                    with trio.move_on_after(0.2):
+                        await done.wait()
+                    return
+                state = str(rows[0][0] or "").lower() if rows else ""
+                if state.startswith(("altering table", "alter table (")):  # MariaDB's; MySQL's stages
+                    return
+                await trio.sleep(0.005)
 
     async def _copy(self, writer: Connection, applier: Applier, cut: CutOver) -> None:
         """Keyset chunks toward ``--chunk-time``; pending binlog keys are applied before each chunk.
@@ -925,6 +980,11 @@ class Migration:
         # Changes to keys the copy has not reached are left to it (Applier._leave_to_copy) when
         # the key is made of integers, whose order here is the server's.
         integers = _integer_key(applier.plan)
+        # With indexes built after the copy, the last rows copied are verified while they are
+        # built (_verify runs then, on the core the build leaves free), not behind the copy.
+        behind_until = math.inf
+        if self._deferred_indexes:
+            behind_until = (1 - spec.checksum_during_index_build) * self._progress.rows_estimate
         while upper is not None and watermark != upper:
             if integers:
                 applier.ahead_of_copy = (watermark, upper)
@@ -957,7 +1017,7 @@ class Migration:
             if now - last_checkpoint >= spec.checkpoint_interval:
                 await self._checkpoint(watermark, upper, applier)
                 last_checkpoint = now
-            if behind is not None and behind.due(now) and watermark != upper:
+            if behind is not None and behind.due(now) and watermark != upper and self._rows_copied < behind_until:
                 # Between chunks: the copy waits for the snapshot (a short READ lock), then goes on
                 # while the ranges copied since the last one are compared in it.
                 mark = time.monotonic()
@@ -970,7 +1030,7 @@ class Migration:
         await self._checkpoint(watermark, upper, applier)
 
     async def _snapshot(self, cut: CutOver, locker: Connection, workers: list[Connection], *,
-                        reset_tracking: bool) -> set[Any]:
+                        reset_tracking: bool, flusher: Connection | None = None) -> set[Any]:
         """Stop writes briefly, catch up, open the same consistent snapshot in every worker.
 
         While ``LOCK TABLES`` is held nobody writes the table, the sentinel has
@@ -980,7 +1040,8 @@ class Migration:
         tracked for the exact check under the cut-over lock.  With
         ``reset_tracking`` the tracked set starts anew here; the one it
         replaces (keys applied up to this snapshot, those flushed under its
-        lock included) is returned, to be compared in this snapshot.
+        lock included) is returned, to be compared in this snapshot.  With a
+        ``flusher`` the ghost is not locked (:meth:`CutOver.lock_and_catch_up`).
         """
         spec = self.spec
         attempt = 0
@@ -989,7 +1050,7 @@ class Migration:
             await self._wait_caught_up(cut.applier)
             await cut.applier.pause()
             try:
-                await cut.lock_and_catch_up(locker, original_mode="READ")
+                await cut.lock_and_catch_up(locker, original_mode="READ", flusher=flusher)
                 for worker in workers:
                     await worker.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
                 replaced = cut.applier.tracking or set()
@@ -1019,7 +1080,8 @@ class Migration:
                         cut.locked_at = 0.0
             await trio.sleep(min(5.0, 0.25 * attempt))
 
-    async def _verify(self, cut: CutOver, checksummer: Checksummer, open_connection: Callable[..., Any]) -> None:
+    async def _verify(self, cut: CutOver, checksummer: Checksummer, open_connection: Callable[..., Any],
+                      built: trio.Event) -> None:
         """Checksum in one consistent snapshot taken while writes were stopped.
 
         A range that differs is looked at row by row in the same snapshot.  A
@@ -1028,7 +1090,10 @@ class Migration:
         commit), leaving a stale ghost row with no later event to fix it: such
         keys are re-synced from the original and their ranges compared again in
         a fresh snapshot.  Still different after that, or too many keys at
-        once (a real defect, not a race): no cut-over, and a report.
+        once (a real defect, not a race): no cut-over, and a report.  This
+        runs while the deferred indexes are built: the snapshots apply the
+        pending keys through a session of their own and leave the ghost
+        unlocked.  The convergence rounds wait for ``built``.
         """
         spec = self.spec
         workers: list[Connection] = []
@@ -1037,11 +1102,13 @@ class Migration:
             await worker.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             workers.append(worker)
         locker: Connection = await open_connection()
+        flusher: Connection = await open_connection()
         behind = self._behind
         start = behind.verified_upto if behind is not None and behind.active else None
         # Keys changed since the first snapshot behind the copy stay tracked: ranges
         # verified then are re-checked through them (the delta convergence below).
-        changed = await self._snapshot(cut, locker, workers, reset_tracking=True)
+        changed = await self._snapshot(cut, locker, workers, reset_tracking=True, flusher=flusher)
+        during_build = not built.is_set()  # the snapshot did not wait for the build
         if start is None:
             changed = set()  # the whole table is compared in this snapshot
         elif behind is not None:
@@ -1066,7 +1133,8 @@ class Migration:
         self._say(
             f"checksum: {comparison.rows} rows in {comparison.ranges} ranges over "
             f"{len(checksummer.plan.compared)} columns in {comparison.seconds:.1f}s "
-            f"({len(workers)} worker{'s' if len(workers) > 1 else ''})"
+            f"({len(workers)} worker{'s' if len(workers) > 1 else ''}"
+            + ("; in a snapshot taken while the secondary indexes were built)" if during_build else ")")
         )
         rounds = 0
         while mismatches:
@@ -1082,7 +1150,7 @@ class Migration:
                                   retries=spec.default_retries, what="re-sync differing keys")
             assert cut.applier.tracking is not None
             cut.applier.tracking.update(flat)
-            await self._snapshot(cut, locker, workers[:1], reset_tracking=False)
+            await self._snapshot(cut, locker, workers[:1], reset_tracking=False, flusher=flusher)
             try:
                 mismatches = await checksummer.compare_ranges(workers[0], mismatches)
                 keys = await self._differing_keys(checksummer, workers[0], mismatches)
@@ -1096,9 +1164,11 @@ class Migration:
         self._say(f"checksum ok: {comparison.rows} rows equal" + (f" after re-syncing ({rounds} rounds)" if rounds else "")
                   + (f"; {len(holds)} snapshots held the table's writers {1000 * holds[len(holds) // 2]:.0f}ms "
                      f"(median), {1000 * holds[-1]:.0f}ms at most" if holds else ""))
-        await self._converge(cut, checksummer, locker, workers[0])
+        await built.wait()
+        await self._converge(cut, checksummer, locker, workers[0], flusher)
 
-    async def _converge(self, cut: CutOver, checksummer: Checksummer, locker: Connection, snapshot: Connection) -> None:
+    async def _converge(self, cut: CutOver, checksummer: Checksummer, locker: Connection, snapshot: Connection,
+                        flusher: Connection) -> None:
         """Verify the keys changed during the checksum in a fresh snapshot, until few are left.
 
         The cut-over compares every key changed since the last verified
@@ -1115,7 +1185,8 @@ class Migration:
             if tracked is None or len(tracked) <= spec.converge_keys:
                 return
             # the replaced set: keys flushed under this snapshot's lock are in it too
-            previous = sorted(await self._snapshot(cut, locker, [snapshot], reset_tracking=True), key=repr)
+            previous = sorted(await self._snapshot(cut, locker, [snapshot], reset_tracking=True, flusher=flusher),
+                              key=repr)
             try:
                 differing = await checksummer.compare_keys(snapshot, previous)
             finally:

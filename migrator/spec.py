@@ -137,6 +137,9 @@ class MigrationSpec:
     checksum_chunk_time: float = 0.25  # target seconds per compared range
     #: verify copied ranges behind the copy this often (seconds; 0: only after the copy)
     checksum_behind_copy_interval: float = 0.5
+    #: with secondary indexes built after the copy: the share of the table (by the row
+    #: estimate) verified while they are built, not behind the copy (0: all behind the copy)
+    checksum_during_index_build: float = 0.4
     checksum_repair_rounds: int = 2  # re-sync + re-compare rounds for ranges hit by the commit-visibility race
     checksum_repair_limit: int = 1000  # more differing keys than this fails at once
     converge_keys: int = 500  # re-verify changed keys in fresh snapshots until at most this many are left
@@ -162,6 +165,8 @@ class MigrationSpec:
             raise SpecError("--checksum-workers must be between 1 and 16")
         if self.checksum_behind_copy_interval < 0:
             raise SpecError("--checksum-behind-copy-interval must be 0 (off) or positive")
+        if not 0 <= self.checksum_during_index_build <= 1:
+            raise SpecError("--checksum-during-index-build must be a share between 0 and 1")
         if self.checkpoint_interval <= 0 or self.checksum_chunk_time <= 0:
             raise SpecError("intervals must be positive")
         if self.default_retries < 0:

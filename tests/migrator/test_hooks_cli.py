@@ -289,6 +289,7 @@ async def test_veto_in_progress_and_failing_hooks_do_not_break_it(
     (["--hook-timeout", "0"], "error: --hook-timeout: must be more than 0 seconds, got '0'"),
     (["--hook-timeout", "soon"], "error: --hook-timeout: expected seconds, got 'soon'"),
     (["--hook-retry-interval", "-1"], "error: --hook-retry-interval: must be more than 0 seconds"),
+    (["--checksum-during-index-build", "1.5"], "error: --checksum-during-index-build must be a share between 0 and 1"),
 ])
 def test_bad_hook_flags_exit_2(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     from migrator.cli import main

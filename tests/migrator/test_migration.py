@@ -180,3 +180,37 @@ async def test_two_copy_sessions_under_random_dml(primary: sandbox.Instance, dat
     assert int(re.search(r"in (\d+) chunks", copied).group(1)) >= 50  # type: ignore[union-attr]
     assert workload.unexpected == []
     assert_same(primary, database, columns=COLUMNS)
+
+
+async def test_the_last_share_is_verified_while_the_indexes_are_built(
+    primary: sandbox.Instance, database: str, workload_factory
+) -> None:
+    """With secondary indexes built after the copy, the snapshots behind the copy stop at
+    half of it here; the rest is compared in a snapshot taken while the server builds the
+    index.  That snapshot must not lock the ghost: it would wait for the build (and report
+    no overlap), or time out."""
+    create_pair(primary, database, rows=2000, seed=61)  # keys 3 … 6000, random rows
+    for table in ("t", "control"):  # 200,000 more rows, so that building by_n takes a while
+        primary.execute(f"INSERT INTO `{database}`.{table} (id, name, n) "
+                        f"SELECT 10000 + seq, 'filler', seq MOD 977 FROM `{database}`.seq_1_to_200000")
+    primary.execute(f"ANALYZE TABLE `{database}`.t")
+    workload = workload_factory(database, key_space=7000, threads=2, rate=100)
+    workload.start()
+    lines: list[str] = []
+    spec = make_spec(primary, database, "ADD COLUMN extra INT NULL", chunk_size=5000, max_chunk_size=5000,
+                     chunk_time=0.05, checksum_during_index_build=0.5)
+    result = await Migration(spec, output=lines.append).run()
+    await trio.to_thread.run_sync(workload.finish)
+    assert result.phase == Phase.COMPLETE, lines
+    behind = [line for line in lines if line.startswith("checksum behind the copy:")]
+    found = re.match(r"checksum behind the copy: (\d+) rows", behind[0]) if behind else None
+    assert found is not None, lines
+    # the snapshots behind the copy stopped at half of it (plus a chunk or two)
+    assert 0 < int(found.group(1)) <= 0.5 * 202000 + 2 * 5000, behind
+    after = [line for line in lines if line.startswith("checksum: ") and " rows in " in line]
+    assert after and "in a snapshot taken while the secondary indexes were built" in after[0], lines
+    rows = int(after[0].split()[1])
+    assert rows >= 0.5 * 202000 - 5000, after  # what was not verified behind the copy
+    assert "secondary indexes built: by_n" in "\n".join(lines)
+    assert workload.unexpected == []
+    assert_same(primary, database, columns=COLUMNS)
