@@ -452,6 +452,11 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
         slowest = whole.get("max_at")
         print(f"  probe whole run:     {describe(whole)}"
               + (f" (slowest at +{float(slowest) - run.start:.2f}s)" if isinstance(slowest, float) else ""))
+        slow = [sample for sample in probe.samples if run.start <= sample.started <= run.end and sample.seconds > 0.05]
+        if slow:  # when they happened, to line up with the tool's own timed log
+            print("  probe statements over 50 ms: " + ", ".join(
+                f"+{sample.started - run.start:.2f}s {sample.seconds * 1000:.0f}ms" for sample in slow[:12])
+                + (f" (and {len(slow) - 12} more)" if len(slow) > 12 else ""))
         if run.copy_window:
             start, end = run.copy_window
             print(f"  probe copy ({end - start:5.1f}s): {describe(probe.window(start, end))}")

@@ -88,6 +88,11 @@ class Applier:
             if not self.pending and not self._in_flight:
                 self.applied_gtid = item.gtid
 
+    @property
+    def in_flight(self) -> bool:
+        """A batch taken from ``pending`` is being written (its keys are not tracked yet)."""
+        return self._in_flight > 0
+
     async def consume(self, receive_channel: trio.MemoryReceiveChannel[BinlogItem]) -> None:
         async with receive_channel:
             async for item in receive_channel:

@@ -103,10 +103,10 @@ def migrate_parser() -> argparse.ArgumentParser:
     safety.add_argument("--checksum-behind-copy-interval", type=float, default=0.5, metavar="SECONDS",
                         help="verify the ranges copied so far every SECONDS while the copy runs, so that "
                              "only the last ranges are left after it (default 0.5; 0: all after the copy)")
-    safety.add_argument("--checksum-during-index-build", type=float, default=0.4, metavar="SHARE",
+    safety.add_argument("--checksum-during-index-build", type=float, default=0.0, metavar="SHARE",
                         help="with secondary indexes built after the copy, verify this share of the table "
                              "(the last rows copied) while they are built instead of behind the copy "
-                             "(default 0.4; 0: all behind the copy)")
+                             "(default 0: all behind the copy)")
     safety.add_argument("--approve-renamed-columns", action="store_true")
     safety.add_argument("--approve-lossy-changes", action="store_true")
     safety.add_argument("--drop-leftovers", action="store_true", help="drop leftover _<t>_gho/_ghc/_del tables")
