@@ -869,10 +869,10 @@ class Migration:
                                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Add the secondary indexes left out of the ghost for the copy (those it lacks); set ``built``.
 
-        Online (``LOCK=NONE``), on a session of its own: the server logs the
-        binlog applier's writes made meanwhile and applies them to the new
-        index, so the applier goes on.  The checksum runs meanwhile; its
-        snapshots do not lock the ghost (they would wait for the build).  The
+        Online (``LOCK=NONE``), on a session of its own, while the checksum
+        compares what was not verified behind the copy; its snapshots do not
+        lock the ghost (they would wait for the build).  The binlog applier
+        waits for ``built`` (:meth:`_keep_applying`).  The
         build needs the ghost's exclusive metadata lock at its start and its
         end, for a moment; a transaction that reads the ghost at its start
         would make it wait that transaction's length, and every write to the
@@ -987,8 +987,8 @@ class Migration:
         # Changes to keys the copy has not reached are left to it (Applier._leave_to_copy) when
         # the key is made of integers, whose order here is the server's.
         integers = _integer_key(applier.plan)
-        # With indexes built after the copy, the last rows copied are verified while they are
-        # built (_verify runs then, on the core the build leaves free), not behind the copy.
+        # With indexes built after the copy, the last rows copied may be verified while they
+        # are built (_verify runs then; worth it with cores to spare), not behind the copy.
         behind_until = math.inf
         if self._deferred_indexes:
             behind_until = (1 - spec.checksum_during_index_build) * self._progress.rows_estimate
@@ -1153,6 +1153,8 @@ class Migration:
                 raise ChecksumMismatch(f"checksum: {len(mismatches)} ranges differ ({len(flat)} keys): {report}")
             self._say(f"checksum: {len(mismatches)} ranges differ ({len(flat)} keys); re-syncing them and "
                       f"comparing those ranges again: {report}")
+            # The keys that wait for the index build would be flushed under the snapshot's lock.
+            await built.wait()
             await db.with_retries(lambda flat=flat: cut.applier.resync(locker, flat),  # type: ignore[misc]
                                   retries=spec.default_retries, what="re-sync differing keys")
             assert cut.applier.tracking is not None
