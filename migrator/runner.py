@@ -887,9 +887,10 @@ class Migration:
             spec = self.spec
             ghost = qualified(spec.database, spec.ghost_table)
             builder: Connection = await open_connection()
-            create = str((await builder.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
-            present = {name for name, _ in inspector.plain_secondary_keys(create)}
-            missing = [d for d in self._deferred_indexes if _key_name(d) not in present]
+            # A migration killed during its build leaves that ALTER running on the server (a
+            # statement goes on when its client is gone); a second one would fail at its end.
+            await self._wait_for_earlier_builds(builder, ghost)
+            missing = await self._missing_indexes(builder, ghost)
             if not missing:
                 task_status.started()
                 return
@@ -901,6 +902,10 @@ class Migration:
             async def alter() -> None:
                 try:
                     await builder.execute(f"ALTER TABLE {ghost} " + ", ".join(f"ADD {d}" for d in missing) + ", LOCK=NONE")
+                except DatabaseError as error:
+                    # another ALTER added them meanwhile (one this could not see): fine if all are there
+                    if error.code != db.ER_DUP_KEYNAME or await self._missing_indexes(builder, ghost):
+                        raise
                 finally:
                     done.set()
 
@@ -915,6 +920,33 @@ class Migration:
                       f"in {time.monotonic() - started:.1f}s")
         finally:
             built.set()
+
+    async def _missing_indexes(self, connection: Connection, ghost: str) -> list[str]:
+        create = str((await connection.query(f"SHOW CREATE TABLE {ghost}"))[0][1])
+        present = {name for name, _ in inspector.plain_secondary_keys(create)}
+        return [d for d in self._deferred_indexes if _key_name(d) not in present]
+
+    async def _wait_for_earlier_builds(self, connection: Connection, ghost: str) -> None:
+        """While another session runs an ALTER of the ghost (one a killed migrator left), wait."""
+        pattern = "ALTER TABLE " + ghost.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = ("SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND INFO LIKE %s"
+               if connection.mariadb else
+               "SELECT PROCESSLIST_ID FROM performance_schema.threads WHERE PROCESSLIST_ID <> CONNECTION_ID() "
+               "AND PROCESSLIST_INFO LIKE %s")
+        said = False
+        while True:
+            try:
+                rows = await connection.query(sql, (pattern,))
+            except DatabaseError as error:
+                log.info("cannot look for an earlier build of the ghost's indexes (%s)", error)
+                return
+            if not rows:
+                return
+            if not said:
+                self._say(f"an earlier ALTER of {ghost} is still running on the server (connection {rows[0][0]}; "
+                          "a migration killed during its index build leaves it): waiting for it to end")
+                said = True
+            await trio.sleep(0.5)
 
     @staticmethod
     async def _wait_altering(observer: Connection, builder: Connection, done: trio.Event) -> None:

@@ -227,3 +227,54 @@ def test_schema_version_drift(primary: sandbox.Instance, database: str) -> None:
     check = subprocess.run(version, env=env, capture_output=True, text=True, timeout=60)
     assert check.returncode == 3 and "DRIFT" in check.stdout, check.stdout + check.stderr
     _ = time
+
+
+async def test_a_resumed_index_build_waits_for_the_one_a_killed_migrator_left_running(
+    primary: sandbox.Instance, database: str
+) -> None:
+    """kill -9 during the index build leaves its ALTER running on the server.  The resumed
+    migration must wait for it and not add the same index a second time (1061 at its end)."""
+    from migrator import db
+
+    create_pair(primary, database, rows=300, seed=71)
+    primary.execute(f"USE `{database}`", "CREATE TABLE _t_gho LIKE t", "ALTER TABLE _t_gho DROP KEY by_n",
+                    "INSERT INTO _t_gho SELECT * FROM t")
+    # The killed migrator's ALTER, here held at its start by a transaction that read the ghost.
+    blocker = primary.connect(database=database)
+    leftover = primary.connect(database=database)
+    blocker.cursor().execute("START TRANSACTION")
+    blocker.cursor().execute("SELECT COUNT(*) FROM _t_gho")
+    alter = f"ALTER TABLE `{database}`.`_t_gho` ADD KEY `by_n` (`n`), LOCK=NONE"
+    lines: list[str] = []
+    migration = Migration(make_spec(primary, database, "ADD COLUMN extra INT NULL"), output=lines.append)
+    migration._deferred_indexes = ["KEY `by_n` (`n`)"]
+    spec = migration.spec
+    connections: list[db.Connection] = []
+
+    async def open_connection() -> db.Connection:
+        connection = await db.connect(spec.settings.with_database(database))
+        connections.append(connection)
+        return connection
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, leftover.cursor().execute, alter)
+            with trio.fail_after(30):
+                while not primary.execute("SELECT 1 FROM information_schema.PROCESSLIST WHERE INFO LIKE 'ALTER TABLE%'"):
+                    await trio.sleep(0.01)
+            built = trio.Event()
+            nursery.start_soon(migration._build_deferred_indexes, open_connection, built)
+            await trio.sleep(0.5)
+            assert not built.is_set()
+            blocker.cursor().execute("COMMIT")  # the leftover ALTER goes on and ends
+            with trio.fail_after(30):
+                await built.wait()
+    finally:
+        for connection in connections:
+            await connection.close()
+        blocker.close()
+        leftover.close()
+    assert "KEY `by_n` (`n`)" in str(primary.execute(f"SHOW CREATE TABLE `{database}`._t_gho")[0][1])
+    # it waited for the leftover instead of adding the index once more
+    assert any("an earlier ALTER of" in line for line in lines), lines
+    assert not any("secondary indexes built" in line for line in lines), lines
