@@ -556,6 +556,7 @@ class Migration:
         self._rows_copied = state.record.checkpoint.rows_copied
         self._deferred_indexes = [str(d) for d in state.record.options.get("deferred_indexes") or []]
         self._fire("startup")
+        await self._wait_for_leftovers(control, qualified(spec.database, spec.ghost_table))
         # A cut-over may have been interrupted: triggers and sentry go first.
         cut = CutOver(spec, _EMPTY_PLAN, Applier(_EMPTY_PLAN, spec.database, spec.table, spec.ghost_table), None)
         await cut.drop_triggers(control)
@@ -889,7 +890,7 @@ class Migration:
             builder: Connection = await open_connection()
             # A migration killed during its build leaves that ALTER running on the server (a
             # statement goes on when its client is gone); a second one would fail at its end.
-            await self._wait_for_earlier_builds(builder, ghost)
+            await self._wait_for_leftovers(builder, ghost, alter_only=True)
             missing = await self._missing_indexes(builder, ghost)
             if not missing:
                 task_status.started()
@@ -926,25 +927,33 @@ class Migration:
         present = {name for name, _ in inspector.plain_secondary_keys(create)}
         return [d for d in self._deferred_indexes if _key_name(d) not in present]
 
-    async def _wait_for_earlier_builds(self, connection: Connection, ghost: str) -> None:
-        """While another session runs an ALTER of the ghost (one a killed migrator left), wait."""
-        pattern = "ALTER TABLE " + ghost.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        sql = ("SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND INFO LIKE %s"
-               if connection.mariadb else
-               "SELECT PROCESSLIST_ID FROM performance_schema.threads WHERE PROCESSLIST_ID <> CONNECTION_ID() "
-               "AND PROCESSLIST_INFO LIKE %s")
+    async def _wait_for_leftovers(self, connection: Connection, ghost: str, *, alter_only: bool = False) -> None:
+        """While another session runs a statement on the ghost (``alter_only``: an ALTER of it), wait.
+
+        A statement goes on when its client is gone: after a kill -9 the old
+        migrator's last chunk, binlog batch or index build may still run.  A
+        resumed migration that went ahead could have a leftover chunk write
+        an older row version over one its applier had just written, or add
+        an index a second time (1061 at the end of the build).
+        """
+        text = ghost.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"ALTER TABLE {text}%" if alter_only else f"%{text}%"
+        sql = ("SELECT ID, LEFT(INFO, 60) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() "
+               "AND INFO LIKE %s" if connection.mariadb else
+               "SELECT PROCESSLIST_ID, LEFT(PROCESSLIST_INFO, 60) FROM performance_schema.threads "
+               "WHERE PROCESSLIST_ID <> CONNECTION_ID() AND PROCESSLIST_INFO LIKE %s")
         said = False
         while True:
             try:
                 rows = await connection.query(sql, (pattern,))
             except DatabaseError as error:
-                log.info("cannot look for an earlier build of the ghost's indexes (%s)", error)
+                log.info("cannot look for statements left running on the ghost (%s)", error)
                 return
             if not rows:
                 return
             if not said:
-                self._say(f"an earlier ALTER of {ghost} is still running on the server (connection {rows[0][0]}; "
-                          "a migration killed during its index build leaves it): waiting for it to end")
+                self._say(f"an earlier statement on {ghost} is still running on the server (connection "
+                          f"{rows[0][0]}: {rows[0][1]}…; a migrator killed meanwhile leaves it): waiting for it to end")
                 said = True
             await trio.sleep(0.5)
 
