@@ -197,16 +197,16 @@ class CutOver:
         """
         tolerated = ("SHARED_READ", "SHARED_HIGH_PRIO", "SHARED", "SHARED_READ_ONLY") if original_mode == "READ" else ()
         schema = self.spec.database
+        helpers = (*([self.spec.ghost_table] if ghost else []), self.spec.changelog_table)
         sql = (
             "SELECT COUNT(*) FROM performance_schema.metadata_locks WHERE OBJECT_TYPE = 'TABLE' "
             "AND OBJECT_SCHEMA = %s AND LOCK_STATUS = 'GRANTED' AND OWNER_THREAD_ID <> (SELECT THREAD_ID FROM "
             "performance_schema.threads WHERE PROCESSLIST_ID = CONNECTION_ID()) "
-            "AND (OBJECT_NAME IN (%s, %s) OR (OBJECT_NAME = %s"
+            f"AND (OBJECT_NAME IN ({', '.join(['%s'] * len(helpers))}) OR (OBJECT_NAME = %s"
             + (f" AND LOCK_TYPE NOT IN ({', '.join(['%s'] * len(tolerated))})" if tolerated else "")
             + "))"
         )
-        helper = self.spec.ghost_table if ghost else self.spec.changelog_table
-        args = (schema, helper, self.spec.changelog_table, self.spec.table, *tolerated)
+        args = (schema, *helpers, self.spec.table, *tolerated)
         deadline = trio.current_time() + seconds
         while True:
             try:

@@ -873,11 +873,10 @@ class Migration:
         Online (``LOCK=NONE``), on a session of its own, while the checksum
         compares what was not verified behind the copy; its snapshots do not
         lock the ghost (they would wait for the build).  The binlog applier
-        waits for ``built`` (:meth:`_keep_applying`).  The
-        build needs the ghost's exclusive metadata lock at its start and its
-        end, for a moment; a transaction that reads the ghost at its start
-        would make it wait that transaction's length, and every write to the
-        ghost with it.  So this reports started once the server is past that
+        waits for ``built`` (:meth:`_keep_applying`).  The build needs the
+        ghost's exclusive metadata lock at its start and its end, for a
+        moment; a transaction that reads the ghost at its start would make it
+        wait that transaction's length, and every write to the ghost with it.  So this reports started once the server is past that
         point ("altering table"), or after 5 s.  A resumed migration adds
         what an interruption left out.
         """
@@ -938,10 +937,8 @@ class Migration:
         """
         text = ghost.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"ALTER TABLE {text}%" if alter_only else f"%{text}%"
-        sql = ("SELECT ID, LEFT(INFO, 60) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() "
-               "AND INFO LIKE %s" if connection.mariadb else
-               "SELECT PROCESSLIST_ID, LEFT(PROCESSLIST_INFO, 60) FROM performance_schema.threads "
-               "WHERE PROCESSLIST_ID <> CONNECTION_ID() AND PROCESSLIST_INFO LIKE %s")
+        table, id_, _, info = _sessions(connection)
+        sql = f"SELECT {id_}, LEFT({info}, 60) FROM {table} WHERE {id_} <> CONNECTION_ID() AND {info} LIKE %s"
         said = False
         while True:
             try:
@@ -961,13 +958,10 @@ class Migration:
     async def _wait_altering(observer: Connection, builder: Connection, done: trio.Event) -> None:
         """Until ``builder``'s ALTER is past its first exclusive lock (building), at most 5 s.
 
-        MySQL's ``information_schema.PROCESSLIST`` converts every statement's
-        text to utf8mb3 and fails on one that holds other characters, so
-        there the state comes from ``performance_schema.threads``.  If it
-        cannot be seen at all, a short wait stands in for it.
+        If the state cannot be seen at all, a short wait stands in for it.
         """
-        sql = ("SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = %s" if observer.mariadb else
-               "SELECT PROCESSLIST_STATE FROM performance_schema.threads WHERE PROCESSLIST_ID = %s")
+        table, id_, state_, _ = _sessions(observer)
+        sql = f"SELECT {state_} FROM {table} WHERE {id_} = %s"
         with trio.move_on_after(5):
             while not done.is_set():
                 try:
@@ -1267,6 +1261,18 @@ class Migration:
     @staticmethod
     async def _differing_keys(checksummer: Checksummer, connection: Connection, mismatches: list[Mismatch]) -> list[list[Any]]:
         return [await checksummer.differing_keys(connection, mismatch) for mismatch in mismatches]
+
+
+def _sessions(connection: Connection) -> tuple[str, str, str, str]:
+    """(table, id, state, statement) columns of the server's session list.
+
+    MariaDB's ``information_schema.PROCESSLIST``; on MySQL that view converts
+    every statement's text to utf8mb3 and fails (3854) on one holding other
+    characters, so there ``performance_schema.threads``.
+    """
+    if connection.mariadb:
+        return "information_schema.PROCESSLIST", "ID", "STATE", "INFO"
+    return "performance_schema.threads", "PROCESSLIST_ID", "PROCESSLIST_STATE", "PROCESSLIST_INFO"
 
 
 _INTEGER_TYPES = frozenset({"tinyint", "smallint", "mediumint", "int", "integer", "bigint"})
