@@ -201,6 +201,10 @@ _TABLE_MAP_EVENT = 19
 _DUMP_COMMANDS = (0x12, 0x1E)  # COM_BINLOG_DUMP, COM_BINLOG_DUMP_GTID
 
 
+class _Stopped(Exception):
+    """The dump connection was closed because the streamer is stopping."""
+
+
 class _DumpConnection(PyMySQLConnection):
     """A binlog connection that drops other tables' rows events before they are decoded.
 
@@ -215,8 +219,11 @@ class _DumpConnection(PyMySQLConnection):
     the 6-byte table id (the post-header of both event kinds since MySQL 5.1).
     """
 
-    def __init__(self, *, wanted: frozenset[tuple[bytes, bytes]] | None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, wanted: frozenset[tuple[bytes, bytes]] | None, stop: threading.Event | None = None, **kwargs: Any
+    ) -> None:
         self._wanted = wanted  # None: pass everything on
+        self._stop = stop
         self._tables: dict[bytes, bool] = {}  # table id bytes -> wanted
         self._dumping = False
         self.skipped = 0
@@ -229,7 +236,14 @@ class _DumpConnection(PyMySQLConnection):
 
     def _read_packet(self, packet_type: Any = pymysql.protocol.MysqlPacket) -> Any:
         while True:
-            packet = super()._read_packet(packet_type)
+            try:
+                packet = super()._read_packet(packet_type)
+            except pymysql.OperationalError as error:
+                if self._stop is not None and self._stop.is_set():
+                    # Our own KILL at the end: mysql-replication would log a warning and
+                    # open a new dump connection for a reader that is about to return.
+                    raise _Stopped() from error
+                raise
             if not self._dumping or self._wanted is None:
                 return packet
             data = packet.get_all_data()
@@ -352,8 +366,10 @@ class BinlogStreamer:
         for old, new in (("db", "database"), ("passwd", "password")):
             if old in kwargs:
                 kwargs[new] = kwargs.pop(old)
+        if self._stop.is_set():  # mysql-replication reconnecting after our KILL
+            raise _Stopped()
         wanted = frozenset((self._schema.encode(), name.encode()) for name in (self._table, self._changelog))
-        connection = _DumpConnection(wanted=wanted if self.prefilter else None, **kwargs)
+        connection = _DumpConnection(wanted=wanted if self.prefilter else None, stop=self._stop, **kwargs)
         with self._ids_lock:
             self._thread_ids.append(int(connection.thread_id()))
             self._connections.append(connection)
