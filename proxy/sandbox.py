@@ -306,6 +306,9 @@ class Sandbox:
     _template: Path | None = None
     #: (CA, server certificate, server key) for instances started with tls=True
     certificates: tuple[Path, Path, Path] | None = None
+    #: options for every instance, after all others (the last of a repeated option wins),
+    #: e.g. the migration benchmark's ``--innodb-buffer-pool-size``
+    server_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.base is None:
@@ -426,6 +429,7 @@ class Sandbox:
             *SERVER_OPTIONS,
             *self._tls_options(tls),
             *options,
+            *self.server_options,
         ]
         if os.geteuid() == 0:
             command.append("--user=root")
@@ -597,6 +601,7 @@ class MysqlSandbox(Sandbox):
             # which pymysql does with cryptography).
             *self._tls_options(tls, off=("--tls-version=",)),
             *options,
+            *self.server_options,
         )
         if os.geteuid() == 0:
             command.append("--user=root")

@@ -29,3 +29,10 @@ def test_a_running_instance_name_is_not_reused(mariadb_sandbox: sandbox.Sandbox,
     with pytest.raises(sandbox.SandboxError, match="'primary' is already running"):
         mariadb_sandbox.start_primary("primary", server_id=99)
     assert primary.execute("SELECT 1") == [(1,)]  # the running one is untouched
+
+
+def test_server_options_come_last_and_win() -> None:
+    """The migration benchmark sizes the buffer pool through them; the default 256M must not win."""
+    with sandbox.Sandbox(server_options=("--innodb-buffer-pool-size=384M",)) as box:
+        instance = box.start_primary()
+        assert instance.execute("SELECT @@innodb_buffer_pool_size") == [(384 * 1024 * 1024,)]
