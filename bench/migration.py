@@ -38,6 +38,9 @@ memory, as on a server sized for its data.  With the test sandboxes' 256M
 they evict each other, and both tools read pages back from disk: pt-osc its
 source rows, tidegate also the ghost for its deferred index build (~190 MB
 read at ~130 MB/s on the development VM, 1.5-1.8 s instead of 0.7 s).
+Its redo log is 1G (``--redo-log``): with 256M the copy holds the checkpoint
+age at its limit for the whole copy, and InnoDB's flushing then stalls every
+writer now and then (probe statements of 50-80 ms), whichever tool copies.
 
 It prints wall time and the tidegate/pt-osc ratio, rows/s, workload errors
 (the probe's by code), and latency per window, plus the load average of the machine (other
@@ -360,9 +363,14 @@ def main() -> int:
                         help="the server's innodb_buffer_pool_size (default 1G: the table, the tool's copy of it "
                              "and the pristine copy, ~240 MB each at 1M rows, stay in memory, as on a server sized "
                              "for its data; the test sandboxes' 256M makes both tools read pages back from disk)")
+    parser.add_argument("--redo-log", default="1G", metavar="SIZE",
+                        help="the server's redo log (MariaDB innodb_log_file_size, MySQL innodb_redo_log_capacity; "
+                             "default 1G: with the sandboxes' 256M the copy keeps the checkpoint age at its limit "
+                             "and InnoDB's flushing stalls every writer now and then, whichever tool copies)")
     args = parser.parse_args()
-    if not re.fullmatch(r"[1-9][0-9]*[KMG]?", args.buffer_pool):
-        parser.error(f"--buffer-pool: {args.buffer_pool!r} is not a size such as 1G or 256M")
+    for flag, value in (("--buffer-pool", args.buffer_pool), ("--redo-log", args.redo_log)):
+        if not re.fullmatch(r"[1-9][0-9]*[KMG]?", value):
+            parser.error(f"{flag}: {value!r} is not a size such as 1G or 256M")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in ("tidegate", "pt-osc", "tidegate+")]
     if unknown:
@@ -377,13 +385,18 @@ def main() -> int:
     print(f"load average at start: {load_average()} on {os.cpu_count()} cores", flush=True)
     if args.server == "mariadb":
         sandbox.ensure_installed()
-    pool = (f"--innodb-buffer-pool-size={args.buffer_pool}",)
-    with sandbox.Sandbox(server_options=pool) if args.server == "mariadb" else \
-            sandbox.MysqlSandbox(server_options=pool) as box:
+    sizes = (f"--innodb-buffer-pool-size={args.buffer_pool}",
+             f"--innodb-log-file-size={args.redo_log}" if args.server == "mariadb"
+             else f"--innodb-redo-log-capacity={args.redo_log}")
+    with sandbox.Sandbox(server_options=sizes) if args.server == "mariadb" else \
+            sandbox.MysqlSandbox(server_options=sizes) as box:
         primary = box.start_primary()
         port = primary.port
         (version, pool_bytes) = primary.execute("SELECT @@version, @@innodb_buffer_pool_size")[0]
-        print(f"server: {version}, innodb_buffer_pool_size {int(pool_bytes) // 2**20}M", flush=True)
+        (redo_bytes,) = primary.execute("SELECT @@innodb_log_file_size" if args.server == "mariadb"
+                                        else "SELECT @@innodb_redo_log_capacity")[0]
+        print(f"server: {version}, buffer pool {int(pool_bytes) // 2**20}M, redo log {int(redo_bytes) // 2**20}M",
+              flush=True)
         if args.server == "mysql":
             # MySQL 9 has only caching_sha2_password: one full login (RSA, through pymysql and
             # cryptography) puts root in the server's cache, so that sysbench's and pt-osc's
