@@ -102,6 +102,7 @@ class Sample:
     started: float
     seconds: float
     code: int  # 0 = ok, else the MySQL error code
+    kind: str = ""  # select, update k, update c, commit
 
 
 class Probe:
@@ -131,40 +132,40 @@ class Probe:
                                      database="sbtest", autocommit=False)
         cursor = connection.cursor()
         statements = (
-            ("SELECT c FROM sbtest1 WHERE id = %s", lambda key: (key,)),
-            ("UPDATE sbtest1 SET k = k + 1 WHERE id = %s", lambda key: (key,)),
-            ("UPDATE sbtest1 SET c = %s WHERE id = %s", lambda key: (f"probe-{rng.randrange(10**9)}", key)),
+            ("select", "SELECT c FROM sbtest1 WHERE id = %s", lambda key: (key,)),
+            ("update k", "UPDATE sbtest1 SET k = k + 1 WHERE id = %s", lambda key: (key,)),
+            ("update c", "UPDATE sbtest1 SET c = %s WHERE id = %s", lambda key: (f"probe-{rng.randrange(10**9)}", key)),
         )
         next_start = time.monotonic()
         while not self.stop.is_set():
             key = rng.randrange(1, self.rows + 1)
             ok = True
-            for sql, args in statements:
+            for kind, sql, args in statements:
                 started = time.monotonic()
                 try:
                     cursor.execute(sql, args(key))
                     cursor.fetchall()
-                    self._record(started, 0)
+                    self._record(started, 0, kind)
                 except pymysql.err.MySQLError as error:
-                    self._record(started, int(error.args[0]) if error.args else -1)
+                    self._record(started, int(error.args[0]) if error.args else -1, kind)
                     ok = False
                     break
             started = time.monotonic()
             try:
                 if ok:
                     connection.commit()
-                    self._record(started, 0)
+                    self._record(started, 0, "commit")
                 else:
                     connection.rollback()
             except pymysql.err.MySQLError as error:
-                self._record(started, int(error.args[0]) if error.args else -1)
+                self._record(started, int(error.args[0]) if error.args else -1, "commit")
             next_start += self.interval
             time.sleep(max(0.0, next_start - time.monotonic()))
         connection.close()
 
-    def _record(self, started: float, code: int) -> None:
+    def _record(self, started: float, code: int, kind: str) -> None:
         with self._lock:
-            self.samples.append(Sample(started, time.monotonic() - started, code))
+            self.samples.append(Sample(started, time.monotonic() - started, code, kind))
 
     def window(self, start: float, end: float) -> dict[str, object]:
         inside = [s for s in self.samples if start <= s.started <= end]
@@ -483,7 +484,7 @@ def report(results: list[tuple[Run, Load, Probe]], rows: int, rate: int) -> None
         slow = [sample for sample in probe.samples if run.start <= sample.started <= run.end and sample.seconds > 0.05]
         if slow:  # when they happened, to line up with the tool's own timed log
             print("  probe statements over 50 ms: " + ", ".join(
-                f"+{sample.started - run.start:.2f}s {sample.seconds * 1000:.0f}ms" for sample in slow[:12])
+                f"+{sample.started - run.start:.2f}s {sample.seconds * 1000:.0f}ms {sample.kind}" for sample in slow[:12])
                 + (f" (and {len(slow) - 12} more)" if len(slow) > 12 else ""))
         if run.copy_window:
             start, end = run.copy_window
