@@ -680,9 +680,7 @@ class MigrationService:
                 "requested_at": row["requested_at"],
                 "updated_at": row["updated_at"],
                 "rows_copied": progress.get("rows_copied"),
-                "rows_estimate": progress.get("rows_estimate"),
-                "progress_percent": round(100 * progress["rows_copied"] / progress["rows_estimate"], 1)
-                if progress.get("rows_estimate") else None,
+                **copy_share(progress.get("rows_copied"), progress.get("rows_estimate")),
                 "rows_per_second": progress.get("rows_per_second"),
                 "eta_seconds": progress.get("eta_seconds"),
                 "binlog_lag_seconds": progress.get("binlog_lag_seconds"),
@@ -830,6 +828,19 @@ def describe_failure(error: BaseException) -> str:
     if isinstance(error, BaseExceptionGroup):
         return "; ".join(describe_failure(inner) for inner in error.exceptions)
     return f"{type(error).__name__}: {error}"
+
+
+def copy_share(copied: int | None, estimate: int | None) -> dict[str, Any]:
+    """``rows_estimate`` and ``progress_percent`` as the CLI's status line shows them.
+
+    The estimate is the server's statistics; rows inserted during the copy
+    can take the count past it (the demo showed 24781/24300, 102.0 %).  Then
+    the estimate is raised to what was copied, so the share never passes 100 %.
+    """
+    if not estimate:
+        return {"rows_estimate": estimate, "progress_percent": None}
+    estimate = max(int(estimate), int(copied or 0))
+    return {"rows_estimate": estimate, "progress_percent": round(100 * int(copied or 0) / estimate, 1)}
 
 
 def _running_state(progress: dict[str, Any]) -> str:
