@@ -876,9 +876,10 @@ class Migration:
         waits for ``built`` (:meth:`_keep_applying`).  The build needs the
         ghost's exclusive metadata lock at its start and its end, for a
         moment; a transaction that reads the ghost at its start would make it
-        wait that transaction's length, and every write to the ghost with it.  So this reports started once the server is past that
-        point ("altering table"), or after 5 s.  A resumed migration adds
-        what an interruption left out.
+        wait that transaction's length, and every write to the ghost with it.
+        So this reports started once the server is past that point
+        ("altering table"), or after 5 s.  A resumed migration adds what an
+        interruption left out.
         """
         try:
             if not self._deferred_indexes:
